@@ -1,0 +1,5 @@
+//! ferrotune core.
+pub mod error;
+pub mod data;
+pub mod hub;
+pub mod progress;

@@ -3,3 +3,6 @@ pub mod error;
 pub mod data;
 pub mod hub;
 pub mod progress;
+
+#[cfg(feature = "python")]
+mod python;

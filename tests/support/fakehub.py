@@ -49,6 +49,7 @@ import pathlib
 import re
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -60,6 +61,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 __all__ = [
     "FakeHub",
     "Fault",
+    "Headers",
     "HubFile",
     "FAULT_KINDS",
     "LFS_SUFFIXES",
@@ -274,6 +276,31 @@ class Fault:
 # --------------------------------------------------------------------------------------------
 
 
+class Headers(dict):
+    """Request headers as logged: keys in canonical ``Title-Case``, lookups in any case."""
+
+    @staticmethod
+    def _key(key: str) -> str:
+        return "-".join(part.capitalize() for part in key.split("-"))
+
+    def __init__(self, items: Any = ()) -> None:
+        super().__init__()
+        for k, v in (items.items() if hasattr(items, "items") else items):
+            self[k] = v
+
+    def __setitem__(self, key: str, value: str) -> None:
+        super().__setitem__(self._key(key), value)
+
+    def __getitem__(self, key: str) -> str:
+        return super().__getitem__(self._key(key))
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and super().__contains__(self._key(key))
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        return super().get(self._key(key), default)
+
+
 class _HubError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None, headers: Mapping[str, str] | None = None):
         super().__init__(message)
@@ -303,7 +330,8 @@ def _json_response(status: int, payload: Any, headers: list[tuple[str, str]] | N
 
 
 def _error_response(err: _HubError) -> _Response:
-    headers = [("X-Error-Message", err.message)]
+    # Header values must be latin-1; keep them ASCII (the JSON body carries the exact message).
+    headers = [("X-Error-Message", err.message.encode("ascii", "backslashreplace").decode())]
     if err.code:
         headers.insert(0, ("X-Error-Code", err.code))
     headers += list(err.headers.items())
@@ -334,6 +362,7 @@ class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False  # keep-alive connections must not block stop()
     allow_reuse_address = True
+    request_queue_size = 128  # clients open many connections at once
 
     def __init__(self, addr: tuple[str, int], hub: "FakeHub", port_name: str) -> None:
         self.hub = hub
@@ -345,6 +374,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "FakeHub/1.0"
     timeout = 120  # idle keep-alive connections end eventually
+    # Headers and body go out in separate writes: with Nagle on, each keep-alive response would
+    # wait ~40 ms for the client's delayed ACK.
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence stderr logging
@@ -370,18 +402,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _handle(self, method: str) -> None:
         hub = self.server.hub
         port = self.server.port_name
-        body = b""
-        n = int(self.headers.get("Content-Length") or 0)
-        if n:
-            body = self.rfile.read(n)
+        body = self._read_body()
         entry: dict[str, Any] = {
             "port": port,
             "method": method,
             "path": self.path,
-            "headers": dict(self.headers.items()),
+            "headers": Headers(self.headers.items()),
             "status": None,
             "bytes": 0,
             "fault": None,
+            "route": None,
             "time": time.time(),
         }
         hub._log(entry)
@@ -408,6 +438,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout):
             self.close_connection = True
 
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            parts = []
+            while True:
+                size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return b"".join(parts)
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
+
     def _status_fault_response(self, fault: Fault) -> _Response:
         status = int(fault.params.get("status", 500))
         message = str(fault.params.get("message", f"injected fault: HTTP {status}"))
@@ -432,8 +476,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             corrupt = None if drop else hub._take_fault("corrupt", port, method, self.path)
             if drop or corrupt:
                 entry["fault"] = "drop" if drop else "corrupt"
-        if drop:
-            self.send_header("Connection", "close")
         self.end_headers()
         if not send_body:
             return
@@ -469,13 +511,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     chunk = bytes(buf)
                 self.wfile.write(chunk)
                 sent += len(chunk)
+                entry["bytes"] = sent
         entry["bytes"] = sent
         if drop:
             self.close_connection = True
             with contextlib.suppress(OSError):
                 self.wfile.flush()
-                if drop.params.get("rst"):
-                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                if drop.params.get("rst"):  # close with a TCP reset instead of a FIN
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()  # the fd really closes (-> RST) once rfile/wfile are closed
                 else:
                     self.connection.shutdown(socket.SHUT_RDWR)
 
@@ -759,9 +803,12 @@ class FakeHub:
     @property
     def requests(self) -> list[dict[str, Any]]:
         """Snapshot of the request log: dicts with ``port``, ``method``, ``path`` (raw, with query),
-        ``headers``, ``status``, ``bytes`` (body bytes sent), ``fault`` (kind applied or None), ``time``."""
+        ``headers`` (:class:`Headers`: any-case lookups), ``status``, ``bytes`` (body bytes sent),
+        ``fault`` (kind applied or None), ``route`` ("revision", "tree", "paths-info", "refs",
+        "resolve", "cdn", "api" for an unknown repo, "auth" for a rejected token, ``None`` for a URL the fake does not serve:
+        a sign that a client asked for something the fake lacks), ``time``."""
         with self._lock:
-            return [dict(e) for e in self._requests]
+            return [{**e, "headers": Headers(e["headers"])} for e in self._requests]
 
     def find_requests(self, *, port: str | None = None, method: str | None = None, path_contains: str = "") -> list[dict[str, Any]]:
         return [
@@ -792,29 +839,39 @@ class FakeHub:
         if port == "cdn":
             if method not in ("GET", "HEAD"):
                 raise _HubError(405, "Method not allowed")
+            entry["route"] = "cdn"
             return self._serve_cdn(h, method, raw_segments, query, entry)
 
         token = _bearer(h.headers.get("Authorization"))
         if token is not None and self.valid_tokens is not None and token not in self.valid_tokens:
+            entry["route"] = "auth"
             raise _HubError(401, "Invalid credentials in Authorization header")
 
         if raw_segments[:1] == ["api"] and len(raw_segments) >= 3 and raw_segments[1] in ("models", "datasets"):
             repo_type = raw_segments[1][:-1]
+            entry["route"] = "api"
             repo, rest = self._find_repo_in_api_path(repo_type, raw_segments[2:], token)
             action = rest[0] if rest else ""
-            if action == "" and method == "GET":
+            get = method in ("GET", "HEAD")
+            if action == "" and get:
+                entry["route"] = "revision"
                 return self._repo_info(repo, "main", query)
-            if action == "revision" and len(rest) >= 2 and method == "GET":
+            if action == "revision" and len(rest) >= 2 and get:
+                entry["route"] = "revision"
                 return self._repo_info(repo, unquote("/".join(rest[1:])), query)
-            if action == "tree" and len(rest) >= 2 and method == "GET":
+            if action == "tree" and len(rest) >= 2 and get:
                 rev, sub = _split_rev_and_path(repo, rest[1:])
+                entry["route"] = "tree"
                 return self._tree(h, repo, rev, sub, query, split.path, method, entry)
             if action == "paths-info" and len(rest) >= 2 and method == "POST":
                 form = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
                 rev = unquote("/".join(rest[1:]))
+                entry["route"] = "paths-info"
                 return self._paths_info(h, repo, rev, form, method, entry)
-            if action == "refs" and method == "GET":
+            if action == "refs" and get:
+                entry["route"] = "refs"
                 return self._refs(repo, query)
+            entry["route"] = None
             raise _HubError(404, "Sorry, we can't find the page you are looking for.")
 
         # /[datasets/]{id}/resolve/{rev}/{path}
@@ -826,6 +883,7 @@ class FakeHub:
             raise _HubError(404, "Sorry, we can't find the page you are looking for.")
         for id_len in (2, 1):
             if len(segs) > id_len + 1 and segs[id_len] == "resolve":
+                entry["route"] = "resolve"
                 if method not in ("GET", "HEAD"):
                     raise _HubError(405, "Method not allowed")
                 repo = self._get_repo(repo_type, "/".join(unquote(s) for s in segs[:id_len]), token)

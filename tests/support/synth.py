@@ -19,8 +19,8 @@ offsets, and row groups are written incrementally so memory stays bounded.
 With ``tricky=True`` a fraction of the rows carry the characters that JSON writers, tokenizers and
 chat templates get wrong (non-ASCII, astral emoji, ``/``, ``\\``, ``"``, C0 controls, DEL,
 U+2028/U+2029, ``< > &``, look-alike special tokens, empty and whitespace-padded strings, and a
-few 100 kB+ messages). Every tricky kind also appears near the start of every split, so even a
-5 % prefix of a small split contains all of them.
+few 100 kB+ messages). Rows 2-4 of every split hold every snippet (one per message) and row 1
+has a 100 kB+ reply, so even a 5 % prefix of a small split contains all of them.
 
 Command line (used by benchmarks)::
 
@@ -204,9 +204,16 @@ class _Corpus:
         return [text[s:e].rstrip() for s, e in zip(starts.tolist(), ends.tolist())]
 
 
+# Snippets that only make sense as a whole message (empty, whitespace-padded, JSON-literal look-alikes).
+_WHOLE_ONLY = frozenset({"", "   leading and trailing spaces   ", "null", "NaN", "1e5", "true"})
+
+#: Rows of every split that carry all tricky snippets (8 messages each, one snippet per message).
+_FIXED_TRICKY_ROWS = tuple(range(2, 2 + math.ceil(len(TRICKY_SNIPPETS) / 8)))
+
+
 def _apply_tricky(rng: np.random.Generator, content: str, kind: int) -> str:
     snippet = TRICKY_SNIPPETS[kind % len(TRICKY_SNIPPETS)]
-    mode = _SPLICE_MODES[int(rng.integers(0, len(_SPLICE_MODES)))]
+    mode = "whole" if snippet in _WHOLE_ONLY else _SPLICE_MODES[int(rng.integers(0, len(_SPLICE_MODES)))]
     if mode == "whole" or not content:
         return snippet
     if mode == "start":
@@ -228,9 +235,12 @@ def _generate_rows(
     """Generate one batch of ``n_rows`` conversations (rows ``row_offset ..`` of the split)."""
     # Messages per conversation: mostly even (ends with the assistant), 2..8.
     n_msgs = rng.choice(np.array([2, 4, 6, 8]), size=n_rows, p=[0.45, 0.3, 0.15, 0.10])
+    row_ids = np.arange(row_offset, row_offset + n_rows)
+    fixed = np.isin(row_ids, _FIXED_TRICKY_ROWS) if tricky else np.zeros(n_rows, dtype=bool)
     if tricky:
-        odd = rng.random(n_rows) < 0.02
+        odd = (rng.random(n_rows) < 0.02) & (row_ids >= _FIXED_TRICKY_ROWS[-1] + 1)
         n_msgs = np.where(odd, n_msgs + np.where(n_msgs >= 8, -1, 1), n_msgs)
+        n_msgs[fixed] = 8
     total = int(n_msgs.sum())
     offsets = np.zeros(n_rows + 1, dtype=np.int32)
     np.cumsum(n_msgs, out=offsets[1:])
@@ -246,21 +256,21 @@ def _generate_rows(
 
     if tricky:
         n_kinds = len(TRICKY_SNIPPETS)
-        row_ids = np.arange(row_offset, row_offset + n_rows)
-        # Deterministic placement: tricky kind k at row 2 + 3k of every split (so small prefixes
-        # contain them all), plus ~3 % of all other rows at random.
-        kinds = np.full(n_rows, -1, dtype=np.int64)
-        fixed = (row_ids >= 2) & ((row_ids - 2) % 3 == 0) & ((row_ids - 2) // 3 < n_kinds)
-        kinds[fixed] = (row_ids[fixed] - 2) // 3
-        rand = (~fixed) & (rng.random(n_rows) < 0.03)
-        kinds[rand] = rng.integers(0, n_kinds, size=int(rand.sum()))
-        for r in np.flatnonzero(kinds >= 0).tolist():
-            lo, hi = int(offsets[r]), int(offsets[r + 1])
-            # Fixed rows alternate between the first user message (-> prompt) and a later message.
-            m = lo if (kinds[r] + row_ids[r]) % 2 == 0 else int(rng.integers(lo, hi))
-            contents[m] = _apply_tricky(rng, contents[m], int(kinds[r]))
+        # Every snippet near the start of every split: row _FIXED_TRICKY_ROWS[q], message m gets
+        # snippet 8q + m (so the prompts of those rows are tricky too).
+        for r in np.flatnonzero(fixed).tolist():
+            q = _FIXED_TRICKY_ROWS.index(int(row_ids[r]))
+            for m in range(8):
+                kind = 8 * q + m
+                if kind < n_kinds:
+                    contents[int(offsets[r]) + m] = _apply_tricky(rng, contents[int(offsets[r]) + m], kind)
+        # ...and ~3 % of the other rows get one random snippet in a random message.
+        rand = np.flatnonzero((row_ids > _FIXED_TRICKY_ROWS[-1]) & (rng.random(n_rows) < 0.03))
+        for r in rand.tolist():
+            m = int(rng.integers(int(offsets[r]), int(offsets[r + 1])))
+            contents[m] = _apply_tricky(rng, contents[m], int(rng.integers(0, n_kinds)))
         # A few very long assistant messages (100-160 kB): at row 1 of every split, and ~1/3000.
-        long_rows = np.flatnonzero((row_ids == 1) | (rng.random(n_rows) < 1 / 3000))
+        long_rows = np.flatnonzero((row_ids == 1) | ((rng.random(n_rows) < 1 / 3000) & ~fixed))
         for r in long_rows.tolist():
             m = int(offsets[r]) + 1  # the first assistant reply
             if m < int(offsets[r + 1]):

@@ -1,0 +1,23 @@
+"""ferrotune: fine-tune Phi-3 on ultrachat with Azure ML, fast and dependably.
+
+The heavy lifting is in the native module ``ferrotune._core`` (Rust); this package is its
+Python face.
+"""
+
+from __future__ import annotations
+
+from . import _core
+from ._download import SplitDownload, download_dataset, hub_download, split_names
+from .exceptions import *  # noqa: F401,F403
+from .exceptions import __all__ as _exc_all
+
+__version__: str = _core.__version__
+
+__all__ = [
+    "__version__",
+    "download_dataset",
+    "split_names",
+    "hub_download",
+    "SplitDownload",
+    *_exc_all,
+]

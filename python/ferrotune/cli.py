@@ -1,0 +1,37 @@
+"""The ``ferrotune`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from . import __version__
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import importlib
+
+    # import_module, not `from . import`: the package attribute of that name is the function.
+    dd = importlib.import_module("ferrotune.download_dataset")
+    from . import demo
+
+    parser = argparse.ArgumentParser(prog="ferrotune", description="Fast Phi-3 fine-tuning tools.")
+    parser.add_argument("--version", action="version", version=f"ferrotune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser(
+        "download-dataset",
+        help="download the first N%% of every split of a Hub dataset (drop-in for download-dataset.py)",
+        parents=[dd.build_parser()],
+        add_help=False,
+    )
+    d.set_defaults(func=dd.run)
+    m = sub.add_parser("demo", help="run the pipeline on the bundled sample dataset, offline")
+    demo.add_arguments(m)
+    m.set_defaults(func=demo.run)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

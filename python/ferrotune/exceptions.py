@@ -1,0 +1,96 @@
+"""ferrotune's exceptions: one class per kind of failure, all under :class:`FerrotuneError`.
+
+Classes also derive from the built-in a user would catch anyway (``ValueError`` for bad
+arguments, ``OSError`` subclasses for file-system problems, ``ConnectionError`` for network
+failures), so existing ``except`` clauses keep working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FerrotuneError",
+    "InvalidArgumentError",
+    "HubError",
+    "RepositoryNotFoundError",
+    "GatedRepoError",
+    "RevisionNotFoundError",
+    "EntryNotFoundError",
+    "InvalidTokenError",
+    "OfflineNotCachedError",
+    "HubHTTPError",
+    "IntegrityError",
+    "ProtocolError",
+    "DatasetError",
+    "DataFormatError",
+    "FerrotuneIOError",
+    "FerrotuneFileNotFoundError",
+    "FerrotunePermissionError",
+]
+
+
+class FerrotuneError(Exception):
+    """Base class of every error ferrotune raises on purpose."""
+
+
+class InvalidArgumentError(FerrotuneError, ValueError):
+    """An argument is out of range or malformed."""
+
+
+class HubError(FerrotuneError):
+    """A problem talking to the Hugging Face Hub."""
+
+
+class RepositoryNotFoundError(HubError):
+    """The repository does not exist, or is private and no valid token was given."""
+
+
+class GatedRepoError(HubError):
+    """The repository is gated and the token has not been granted access."""
+
+
+class RevisionNotFoundError(HubError):
+    """The branch, tag or commit does not exist."""
+
+
+class EntryNotFoundError(HubError):
+    """The file does not exist at that revision."""
+
+
+class InvalidTokenError(HubError):
+    """The Hub rejected the token."""
+
+
+class OfflineNotCachedError(HubError, FileNotFoundError):
+    """Offline (``HF_HUB_OFFLINE``) or unreachable Hub, and the file is not cached."""
+
+
+class HubHTTPError(HubError, ConnectionError):
+    """A network or HTTP failure that retries did not cure."""
+
+
+class IntegrityError(HubError):
+    """Downloaded bytes do not match the size or checksum the Hub announced."""
+
+
+class ProtocolError(HubError):
+    """The server sent something unsafe or malformed (path traversal, bad ETag)."""
+
+
+class DatasetError(FerrotuneError):
+    """The dataset has no such split or subset, or its layout is not understood."""
+
+
+class DataFormatError(DatasetError):
+    """A data file is not in the expected format."""
+
+
+class FerrotuneIOError(FerrotuneError, OSError):
+    """A local file-system error."""
+
+
+class FerrotuneFileNotFoundError(FerrotuneIOError, FileNotFoundError):
+    """A local file or folder does not exist."""
+
+
+class FerrotunePermissionError(FerrotuneIOError, PermissionError):
+    """Not allowed to read or write a local path."""

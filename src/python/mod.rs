@@ -1,0 +1,153 @@
+//! The Python bindings: the only module that uses pyo3. Every long call goes through
+//! [`run::run_blocking`] (GIL released, errors mapped, Ctrl-C honoured, progress forwarded).
+
+mod errors;
+mod run;
+
+use std::path::PathBuf;
+
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::data::{self, DownloadOptions, OutputFormat, SplitPc};
+use crate::hub::{HubClient, Repo, RepoKind};
+
+/// Downloads the first `split_pc` % of every split of a Hub dataset into `download_dir`
+/// as `{split}.jsonl` (byte-identical to download-dataset.py) and/or `{split}.parquet`.
+///
+/// Returns a list of dicts: `split`, `rows`, `total_rows`, `paths`, `bytes_fetched`.
+#[pyfunction]
+#[pyo3(signature = (dataset, download_dir, split_pc, subset=None, splits=None, revision="main".to_string(), formats=vec!["jsonl".to_string()], token=None, full_download=false, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn download_dataset(
+    py: Python<'_>,
+    dataset: String,
+    download_dir: PathBuf,
+    split_pc: String,
+    subset: Option<String>,
+    splits: Option<Vec<String>>,
+    revision: String,
+    formats: Vec<String>,
+    token: Option<String>,
+    full_download: bool,
+    progress: Option<PyObject>,
+) -> PyResult<Vec<PyObject>> {
+    let outputs = run::run_blocking(py, progress, move |ctx| {
+        let opts = DownloadOptions {
+            dataset,
+            download_dir,
+            split_pc: SplitPc::parse(&split_pc)?,
+            subset,
+            splits,
+            revision,
+            formats: formats.iter().map(|f| OutputFormat::parse(f)).collect::<crate::error::Result<_>>()?,
+            full_download,
+        };
+        let hub = HubClient::from_env(token);
+        data::download_dataset(&hub, &opts, ctx)
+    })?;
+    outputs
+        .into_iter()
+        .map(|o| {
+            let d = PyDict::new(py);
+            d.set_item("split", o.split)?;
+            d.set_item("rows", o.rows)?;
+            d.set_item("total_rows", o.total_rows)?;
+            d.set_item(
+                "paths",
+                o.paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+            )?;
+            d.set_item("bytes_fetched", o.bytes_fetched)?;
+            Ok(d.into_any().unbind())
+        })
+        .collect()
+}
+
+/// The split names of a Hub dataset, as `datasets.get_dataset_split_names` reports them.
+#[pyfunction]
+#[pyo3(signature = (dataset, subset=None, revision="main".to_string(), token=None, progress=None))]
+fn split_names(
+    py: Python<'_>,
+    dataset: String,
+    subset: Option<String>,
+    revision: String,
+    token: Option<String>,
+    progress: Option<PyObject>,
+) -> PyResult<Vec<String>> {
+    run::run_blocking(py, progress, move |ctx| {
+        let hub = HubClient::from_env(token);
+        let repo = Repo::dataset(&dataset)?;
+        let commit = hub.resolve_revision(&repo, &revision, ctx)?;
+        let splits = data::download_dataset::dataset_splits(&hub, &repo, &commit, subset.as_deref(), ctx)?;
+        Ok(splits.into_iter().map(|s| s.name).collect())
+    })
+}
+
+/// Downloads one file of a Hub repo into the shared Hugging Face cache (like
+/// `huggingface_hub.hf_hub_download`) and returns its local path.
+#[pyfunction]
+#[pyo3(signature = (repo_id, filename, repo_type="model".to_string(), revision="main".to_string(), token=None, progress=None))]
+fn hub_download(
+    py: Python<'_>,
+    repo_id: String,
+    filename: String,
+    repo_type: String,
+    revision: String,
+    token: Option<String>,
+    progress: Option<PyObject>,
+) -> PyResult<String> {
+    run::run_blocking(py, progress, move |ctx| {
+        let hub = HubClient::from_env(token);
+        let repo = Repo::new(&repo_id, RepoKind::parse(&repo_type)?)?;
+        Ok(hub.download(&repo, &revision, &filename, ctx)?.display().to_string())
+    })
+}
+
+/// `s` as a JSON string literal in pandas' `to_json` escaping (for tests and tools).
+#[pyfunction]
+fn _json_string(s: &str) -> String {
+    let mut out = Vec::with_capacity(s.len() + 2);
+    data::jsonl::write_str(s, &mut out);
+    String::from_utf8(out).expect("the writer emits ASCII")
+}
+
+/// Writes every row of a local Parquet file as pandas-style JSON Lines (for tests).
+#[pyfunction]
+fn _parquet_to_jsonl(py: Python<'_>, src: PathBuf, dst: PathBuf) -> PyResult<u64> {
+    run::run_blocking(py, None, move |ctx| {
+        let name = src.display().to_string();
+        let shard = data::parquet_source::Shard::local(&name, src)?;
+        let hub = HubClient::from_env(None);
+        let mut out = Vec::new();
+        let mut rows = 0u64;
+        for rg in 0..shard.metadata.num_row_groups() {
+            for b in shard.read_row_group(&hub, rg, usize::MAX, ctx)? {
+                rows += b.num_rows() as u64;
+                data::jsonl::write_batch(&b, &mut out)?;
+            }
+        }
+        std::fs::write(&dst, out).map_err(|e| crate::error::Error::io(&dst, e))?;
+        Ok(rows)
+    })
+}
+
+/// `round(pc * n / 100)` as `datasets` computes it for `split[0%:pc%]`.
+#[pyfunction]
+fn rows_for_split_pc(split_pc: String, n: u64) -> PyResult<u64> {
+    SplitPc::parse(&split_pc)
+        .map(|pc| pc.rows_of(n))
+        .map_err(|e| Python::with_gil(|py| errors::to_pyerr(py, e)))
+}
+
+#[pymodule]
+#[pyo3(name = "_core")]
+fn ferrotune_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(download_dataset, m)?)?;
+    m.add_function(wrap_pyfunction!(split_names, m)?)?;
+    m.add_function(wrap_pyfunction!(hub_download, m)?)?;
+    m.add_function(wrap_pyfunction!(rows_for_split_pc, m)?)?;
+    m.add_function(wrap_pyfunction!(_json_string, m)?)?;
+    m.add_function(wrap_pyfunction!(_parquet_to_jsonl, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,168 @@
+//! The one helper every long call goes through.
+//!
+//! The work runs on a scoped worker thread with the GIL released. The calling thread
+//! waits in short slices: between slices it takes the GIL to forward progress events to
+//! the Python renderer and to check for signals. A Ctrl-C sets the core's cancel flag (the
+//! worker's loops poll it and stop, removing temporary files), then `KeyboardInterrupt` is
+//! raised. A panic in the worker becomes a `FerrotuneError`, never a crash.
+
+use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pyo3::prelude::*;
+
+use super::errors::to_pyerr;
+use crate::error::Result;
+use crate::progress::{Cancel, Ctx, Progress};
+
+enum Event {
+    Start(u64, String, Option<u64>, String),
+    Advance(u64, u64),
+    Finish(u64),
+    Message(String),
+}
+
+/// Progress sink that queues events for the calling thread.
+struct Channel(Mutex<Sender<Event>>);
+
+impl Channel {
+    fn send(&self, e: Event) {
+        if let Ok(tx) = self.0.lock() {
+            let _ = tx.send(e);
+        }
+    }
+}
+
+impl Progress for Channel {
+    fn start(&self, id: u64, name: &str, total: Option<u64>, unit: &str) {
+        self.send(Event::Start(id, name.to_string(), total, unit.to_string()));
+    }
+    fn advance(&self, id: u64, n: u64) {
+        self.send(Event::Advance(id, n));
+    }
+    fn finish(&self, id: u64) {
+        self.send(Event::Finish(id));
+    }
+    fn message(&self, text: &str) {
+        self.send(Event::Message(text.to_string()));
+    }
+}
+
+/// Calls `progress(kind, id, name, total, n)` for each event; advances of one task are
+/// merged so Python sees at most one call per task per slice.
+fn deliver(py: Python<'_>, cb: &Option<PyObject>, events: Vec<Event>) -> PyResult<()> {
+    let Some(cb) = cb else { return Ok(()) };
+    let mut pending: Vec<(u64, u64)> = Vec::new();
+    let flush = |pending: &mut Vec<(u64, u64)>| -> PyResult<()> {
+        for (id, n) in pending.drain(..) {
+            cb.call1(py, ("advance", id, "", None::<u64>, n))?;
+        }
+        Ok(())
+    };
+    for e in events {
+        match e {
+            Event::Advance(id, n) => match pending.iter_mut().find(|(i, _)| *i == id) {
+                Some(p) => p.1 += n,
+                None => pending.push((id, n)),
+            },
+            Event::Start(id, name, total, unit) => {
+                flush(&mut pending)?;
+                cb.call1(py, ("start", id, name, total, 0u64))?;
+                let _ = unit; // units are implied by the task (bytes or rows); renderer decides
+            }
+            Event::Finish(id) => {
+                flush(&mut pending)?;
+                cb.call1(py, ("finish", id, "", None::<u64>, 0u64))?;
+            }
+            Event::Message(text) => {
+                flush(&mut pending)?;
+                cb.call1(py, ("message", 0u64, text, None::<u64>, 0u64))?;
+            }
+        }
+    }
+    flush(&mut pending)
+}
+
+/// Runs `work` with the GIL released; see the module docs.
+pub fn run_blocking<T, F>(py: Python<'_>, progress: Option<PyObject>, work: F) -> PyResult<T>
+where
+    T: Send,
+    F: FnOnce(&Ctx) -> Result<T> + Send,
+{
+    let (tx, rx) = channel::<Event>();
+    // Receiver is Send but not Sync; the mutex lets the GIL-free closure borrow it.
+    let rx = Mutex::new(rx);
+    let cancel = Cancel::new();
+    let ctx = Ctx::new(Arc::new(Channel(Mutex::new(tx))), cancel.clone());
+    let slice = Duration::from_millis(100);
+    std::thread::scope(|s| {
+        let worker = s.spawn(move || {
+            let ctx = ctx;
+            work(&ctx)
+        });
+        let mut py_error: Option<PyErr> = None;
+        loop {
+            let done_before = worker.is_finished();
+            let events = py.allow_threads(|| {
+                let mut evs = Vec::new();
+                let rx = rx.lock().expect("only this thread locks it");
+                let until = Instant::now() + slice;
+                loop {
+                    let now = Instant::now();
+                    if now >= until {
+                        break;
+                    }
+                    match rx.recv_timeout(until - now) {
+                        Ok(e) => evs.push(e),
+                        Err(RecvTimeoutError::Timeout) => break,
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                    if evs.len() > 10_000 {
+                        break;
+                    }
+                }
+                evs
+            });
+            if py_error.is_none() {
+                if let Err(e) = deliver(py, &progress, events) {
+                    // The renderer failed (or raised KeyboardInterrupt): stop the work.
+                    cancel.cancel();
+                    py_error = Some(e);
+                }
+            }
+            if py_error.is_none() {
+                if let Err(e) = py.check_signals() {
+                    cancel.cancel();
+                    py_error = Some(e);
+                }
+            }
+            if done_before && worker.is_finished() {
+                break;
+            }
+        }
+        let rest: Vec<Event> = rx.lock().expect("only this thread locks it").try_iter().collect();
+        let outcome = worker.join();
+        if let Some(e) = py_error {
+            return Err(e);
+        }
+        deliver(py, &progress, rest)?;
+        match outcome {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(to_pyerr(py, e)),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                let cls = py
+                    .import("ferrotune.exceptions")
+                    .and_then(|m| m.getattr("FerrotuneError"))?;
+                Err(PyErr::from_value(cls.call1((format!(
+                    "internal error in ferrotune (please report it): {what}"
+                ),))?))
+            }
+        }
+    })
+}

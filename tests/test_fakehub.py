@@ -18,7 +18,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -109,6 +109,11 @@ def request(url: str, method: str = "GET", headers: dict | None = None, body: by
         conn.close()
 
 
+def unquote_path(p: str) -> str:
+    """The percent-decoded path of a logged request, without its query."""
+    return unquote(p.split("?", 1)[0])
+
+
 def first_parquet(hub: FakeHub, split: str = "test_sft") -> str:
     return next(p for p in hub_files(hub) if p.startswith(f"data/{split}-"))
 
@@ -175,8 +180,8 @@ def test_synth_rows_are_conversations_with_tricky_content(synth_dir: pathlib.Pat
         assert "" in head and "   leading and trailing spaces   " in head
         assert any(len(c) >= 100_000 for c in head)
         blob = "".join(head)
-        for ch in ["é", "ß", "中", "П", "😀", "🚀", "/", "\\", '"', "\x00", "\b", "\f", "\x1f", "\x7f", "\u2028",
-                   "\u2029", "<", ">", "&", "<|user|>", "<s>"]:  # fmt: skip
+        chars = ["é", "ß", "中", "П", "😀", "🚀", "/", "\\", '"', "\x00", "\b", "\f", "\x1f", "\x7f", "\u2028", "\u2029"]
+        for ch in chars + ["<", ">", "&", "<|user|>", "<s>"]:
             assert ch in blob, (split, ch)
         assert not rows[2]["prompt"].isascii()  # prompts are tricky too
     assert long_messages >= 4
@@ -232,7 +237,8 @@ def test_revision_endpoint(hub: FakeHub) -> None:
     assert pq_entry["lfs"]["size"] == pq_entry["size"] and len(pq_entry["lfs"]["sha256"]) == 64
     # a tag (quoted) resolves to the same commit as main
     model_sha = json.loads(request(f"{hub.endpoint}/api/models/{MODEL}/revision/main")[2])["sha"]
-    assert json.loads(request(f"{hub.endpoint}/api/models/{MODEL}/revision/{quote('refs/tags/v1.0', safe='')}")[2])["sha"] == model_sha
+    tag_url = f"{hub.endpoint}/api/models/{MODEL}/revision/{quote('refs/tags/v1.0', safe='')}"
+    assert json.loads(request(tag_url)[2])["sha"] == model_sha
 
 
 def test_tree_listing_pagination_and_subpaths(hub: FakeHub) -> None:
@@ -252,7 +258,8 @@ def test_tree_listing_pagination_and_subpaths(hub: FakeHub) -> None:
     assert len(by_path) == len(entries) == 11
     assert by_path["data"]["type"] == "directory"
     readme = by_path["README.md"]
-    assert "lfs" not in readme and readme["oid"] == git_blob_sha1((hub.synth_dir / "README.md").read_bytes())  # type: ignore[attr-defined]
+    assert "lfs" not in readme
+    assert readme["oid"] == git_blob_sha1((hub.synth_dir / "README.md").read_bytes())  # type: ignore[attr-defined]
     parquet = next(e for p, e in by_path.items() if p.endswith(".parquet"))
     data = (hub.synth_dir / parquet["path"]).read_bytes()  # type: ignore[attr-defined]
     assert parquet["lfs"] == {
@@ -260,7 +267,8 @@ def test_tree_listing_pagination_and_subpaths(hub: FakeHub) -> None:
         "size": len(data),
         "pointerSize": len(lfs_pointer(hashlib.sha256(data).hexdigest(), len(data))),
     }
-    assert parquet["size"] == len(data) and parquet["oid"] == git_blob_sha1(lfs_pointer(parquet["lfs"]["oid"], len(data)))
+    assert parquet["size"] == len(data)
+    assert parquet["oid"] == git_blob_sha1(lfs_pointer(parquet["lfs"]["oid"], len(data)))
     # sub-path with %2F or /, non-recursive root listing, a file path, a missing path
     sub_a = json.loads(request(f"{hub.endpoint}/api/datasets/{DATASET}/tree/main/data?limit=100")[2])
     assert {e["path"] for e in sub_a} <= {p for p in by_path if p.startswith("data/")}
@@ -324,12 +332,14 @@ def test_resolve_lfs_redirects_to_cdn(hub: FakeHub) -> None:
     status, cdn_headers, body = request(location)
     assert status == 200 and body == data and cdn_headers["etag"] == f'"{sha}"'
     status, cdn_headers, body = request(location, headers={"Range": "bytes=100-"})
-    assert status == 206 and body == data[100:] and cdn_headers["content-range"] == f"bytes 100-{len(data) - 1}/{len(data)}"
+    assert status == 206 and body == data[100:]
+    assert cdn_headers["content-range"] == f"bytes 100-{len(data) - 1}/{len(data)}"
     # tampered signature -> 403; no Authorization ever reached the CDN so far
     assert request(location.replace("X-Amz-Signature=", "X-Amz-Signature=0"))[0] == 403
     assert hub.cdn_auth_headers == []
     request(location, headers={"Authorization": "Bearer leaked"})
-    assert hub.cdn_auth_headers == [{"path": urlsplit(location).path + "?" + urlsplit(location).query, "authorization": "Bearer leaked"}]
+    raw = urlsplit(location).path + "?" + urlsplit(location).query
+    assert hub.cdn_auth_headers == [{"path": raw, "authorization": "Bearer leaked"}]
 
 
 def test_error_codes(hub: FakeHub) -> None:
@@ -354,10 +364,11 @@ def test_error_codes(hub: FakeHub) -> None:
         assert got.get("x-error-message"), url
     status, got, _ = request(f"{e}/datasets/{DATASET}/resolve/main/nope.py")
     assert got["x-repo-commit"] == hub.commit_sha(DATASET)
-    status, got, _ = request(f"{e}/datasets/{DATASET}/resolve/main/README.md", headers={"Authorization": "Bearer wrong"})
+    status, got, _ = request(f"{e}/datasets/{DATASET}/resolve/main/README.md", headers={"Authorization": "Bearer x"})
     assert got["x-error-message"] == "Invalid credentials in Authorization header"
     assert "visit" in request(f"{e}/datasets/{GATED}/resolve/main/README.md", "GET", auth)[1]["x-error-message"].lower()
-    assert request(f"{e}/datasets/{GATED}/resolve/main/README.md", "GET", {"Authorization": f"Bearer {GRANTED_TOKEN}"})[0] == 200
+    granted = {"Authorization": f"Bearer {GRANTED_TOKEN}"}
+    assert request(f"{e}/datasets/{GATED}/resolve/main/README.md", "GET", granted)[0] == 200
     assert request(f"{e}/datasets/{PRIVATE}/resolve/main/README.md", "GET", auth)[0] == 200
 
 
@@ -533,17 +544,14 @@ def test_datasets_split_names(hub: FakeHub, tmp_path: pathlib.Path) -> None:
         env,
     )
     assert out == list(synth.SPLITS)
-    probed = {unquote_path(e["path"]).rsplit("/", 1)[-1] for e in hub.find_requests(path_contains="/resolve/") if e["status"] == 404}
+    missing = [e for e in hub.find_requests(path_contains="/resolve/") if e["status"] == 404]
+    probed = {unquote_path(e["path"]).rsplit("/", 1)[-1] for e in missing}
     assert {"ultrachat_200k.py", ".huggingface.yaml"} <= probed
 
 
-def unquote_path(p: str) -> str:
-    from urllib.parse import unquote
-
-    return unquote(p.split("?", 1)[0])
-
-
-def test_peer_script_writes_percent_prefix_of_every_split(hub: FakeHub, tmp_path: pathlib.Path, synth_dir: pathlib.Path) -> None:
+def test_peer_script_writes_percent_prefix_of_every_split(
+    hub: FakeHub, tmp_path: pathlib.Path, synth_dir: pathlib.Path
+) -> None:
     env = client_env(hub, tmp_path / "home")
     out_dir = tmp_path / "out" / "ultrachat_200k_dataset"
     proc = subprocess.run(
@@ -626,7 +634,10 @@ def test_dropped_downloads_resume_or_restart(hub: FakeHub, tmp_path: pathlib.Pat
     assert [(e["status"], e["fault"], e["bytes"]) for e in log1] == [(200, "drop", cut), (206, None, BIG_SIZE - chunk)]
     assert log1[1]["headers"].get("range") == f"bytes={chunk}-"
     log2 = hub.find_requests(port="cdn", path_contains=sha2)
-    assert [(e["status"], e["fault"], e["bytes"]) for e in log2] == [(200, "drop", cut), (200, "ignore_range", BIG_SIZE)]
+    assert [(e["status"], e["fault"], e["bytes"]) for e in log2] == [
+        (200, "drop", cut),
+        (200, "ignore_range", BIG_SIZE),
+    ]
     assert log2[1]["headers"].get("range") == f"bytes={chunk}-"
 
 
@@ -671,7 +682,7 @@ def test_cli_serves_a_synth_folder(synth_dir: pathlib.Path, tmp_path: pathlib.Pa
     )
     try:
         line = proc.stdout.readline()  # type: ignore[union-attr]
-        assert line.startswith("FAKEHUB_ENDPOINT=http://127.0.0.1:"), line + proc.stderr.read()  # type: ignore[union-attr]
+        assert line.startswith("FAKEHUB_ENDPOINT=http://127.0.0.1:"), line
         endpoint = line.strip().split("=", 1)[1]
         status, _, body = request(f"{endpoint}/api/datasets/{DATASET}/revision/main")
         assert status == 200

@@ -21,14 +21,16 @@ pub struct HubSettings {
     pub etag_timeout: Duration,
     /// Timeout of each read while downloading (`HF_HUB_DOWNLOAD_TIMEOUT`, 10 s).
     pub download_timeout: Duration,
-    /// How many times a transient failure is retried before giving up.
+    /// How many times a transient failure is retried (`FERROTUNE_HUB_MAX_RETRIES`, 5).
     pub max_retries: u32,
-    /// First back-off delay; doubles per retry, capped at `max_backoff`.
+    /// First back-off delay (`FERROTUNE_HUB_BACKOFF`, seconds, 0.5); doubles per retry,
+    /// capped at `max_backoff`.
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
-    /// Files at least this large are fetched as parallel byte ranges.
+    /// Files at least this large are fetched as parallel byte ranges
+    /// (`FERROTUNE_PARALLEL_THRESHOLD`, bytes; 64 MiB).
     pub parallel_threshold: u64,
-    /// Number of concurrent range requests for one large file.
+    /// Concurrent range requests for one large file (`FERROTUNE_PARALLEL_CONNECTIONS`, 8).
     pub parallel_connections: usize,
     pub user_agent: String,
 }
@@ -122,8 +124,13 @@ impl HubSettings {
                 .unwrap_or(5),
             initial_backoff: env_secs("FERROTUNE_HUB_BACKOFF", 0.5),
             max_backoff: Duration::from_secs(16),
-            parallel_threshold: 64 << 20,
-            parallel_connections: 8,
+            parallel_threshold: env_nonempty("FERROTUNE_PARALLEL_THRESHOLD")
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(64 << 20),
+            parallel_connections: env_nonempty("FERROTUNE_PARALLEL_CONNECTIONS")
+                .and_then(|v| v.trim().parse().ok())
+                .filter(|n: &usize| *n >= 1)
+                .unwrap_or(8),
             user_agent: format!("ferrotune/{}; rust", env!("CARGO_PKG_VERSION")),
         }
     }

@@ -635,7 +635,12 @@ class FakeHub:
         return HubFile(path, size, False, sha256, sha1, source=source)
 
     def _make_commit(
-        self, repo_type: str, repo_id: str, branch: str, files: Mapping[str, bytes | str | os.PathLike], lfs_min_size: int
+        self,
+        repo_type: str,
+        repo_id: str,
+        branch: str,
+        files: Mapping[str, bytes | str | os.PathLike],
+        lfs_min_size: int,
     ) -> _Commit:
         hub_files = {p: self._make_file(p, c, lfs_min_size) for p, c in sorted(files.items())}
         listing = "\n".join(f"{p} {f.git_oid} {f.size}" for p, f in hub_files.items())
@@ -700,10 +705,20 @@ class FakeHub:
             repo.tags[tag] = sha
             return sha
 
-    def set_gated(self, repo_id: str, allowed_tokens: set[str] | frozenset[str] | None = frozenset(), repo_type: str = "dataset") -> None:
-        """Gate a repo: file downloads need a token in ``allowed_tokens`` (``None`` ungates)."""
+    def set_gated(
+        self,
+        repo_id: str,
+        allowed_tokens: set[str] | frozenset[str] | None = frozenset(),
+        repo_type: str = "dataset",
+    ) -> None:
+        """Gate a repo: file downloads need a token in ``allowed_tokens`` (``None`` ungates).
+
+        Like the real Hub, metadata (repo info, tree, paths-info) stays readable; ``resolve``
+        answers 401 ``GatedRepo`` without a token and 403 ``GatedRepo`` with one not granted.
+        """
+        tokens = None if allowed_tokens is None else frozenset(allowed_tokens)
         with self._lock:
-            self._repos[(repo_type, repo_id)].gated_tokens = None if allowed_tokens is None else frozenset(allowed_tokens)
+            self._repos[(repo_type, repo_id)].gated_tokens = tokens
 
     def set_private(self, repo_id: str, private: bool = True, repo_type: str = "dataset") -> None:
         """A private repo looks exactly like a missing one to requests without a valid token."""
@@ -805,12 +820,16 @@ class FakeHub:
         """Snapshot of the request log: dicts with ``port``, ``method``, ``path`` (raw, with query),
         ``headers`` (:class:`Headers`: any-case lookups), ``status``, ``bytes`` (body bytes sent),
         ``fault`` (kind applied or None), ``route`` ("revision", "tree", "paths-info", "refs",
-        "resolve", "cdn", "api" for an unknown repo, "auth" for a rejected token, ``None`` for a URL the fake does not serve:
-        a sign that a client asked for something the fake lacks), ``time``."""
+        "resolve", "cdn", "api" for an unknown repo, "auth" for a rejected token, ``None`` for a
+        URL the fake does not serve: a sign that a client asked for something the fake lacks),
+        ``time``."""
         with self._lock:
             return [{**e, "headers": Headers(e["headers"])} for e in self._requests]
 
-    def find_requests(self, *, port: str | None = None, method: str | None = None, path_contains: str = "") -> list[dict[str, Any]]:
+    def find_requests(
+        self, *, port: str | None = None, method: str | None = None, path_contains: str = ""
+    ) -> list[dict[str, Any]]:
+        """Logged requests filtered by port, method and (raw or decoded) path substring."""
         return [
             e
             for e in self.requests
@@ -987,7 +1006,15 @@ class FakeHub:
         return e
 
     def _tree(
-        self, h: _Handler, repo: _Repo, rev: str, sub: str, query: dict[str, list[str]], raw_path: str, method: str, entry: dict[str, Any]
+        self,
+        h: _Handler,
+        repo: _Repo,
+        rev: str,
+        sub: str,
+        query: dict[str, list[str]],
+        raw_path: str,
+        method: str,
+        entry: dict[str, Any],
     ) -> _Response:
         commit = self._commit(repo, rev)
         recursive = _truthy(query.get("recursive"))
@@ -1025,7 +1052,9 @@ class FakeHub:
             page = page + _traversal_entries(fault)
         return _json_response(200, page, headers)
 
-    def _paths_info(self, h: _Handler, repo: _Repo, rev: str, form: dict[str, list[str]], method: str, entry: dict[str, Any]) -> _Response:
+    def _paths_info(
+        self, h: _Handler, repo: _Repo, rev: str, form: dict[str, list[str]], method: str, entry: dict[str, Any]
+    ) -> _Response:
         commit = self._commit(repo, rev)
         expand = _truthy(form.get("expand"))
         out = []
@@ -1045,7 +1074,9 @@ class FakeHub:
 
     # -- file endpoints --------------------------------------------------------------------
 
-    def _resolve(self, h: _Handler, repo: _Repo, rev: str, path: str, token: str | None, method: str, entry: dict[str, Any]) -> _Response:
+    def _resolve(
+        self, h: _Handler, repo: _Repo, rev: str, path: str, token: str | None, method: str, entry: dict[str, Any]
+    ) -> _Response:
         commit = self._commit(repo, rev)
         if repo.gated_tokens is not None and not (self._token_ok(token) and token in repo.gated_tokens):
             kind = "dataset" if repo.repo_type == "dataset" else "model"
@@ -1056,7 +1087,10 @@ class FakeHub:
                     "authenticated to access it. Please log in."
                 )
                 raise _HubError(401, msg, "GatedRepo")
-            msg = f"Access to {kind} {repo.repo_id} is restricted and you are not in the authorized list. Visit {page} to ask for access."
+            msg = (
+                f"Access to {kind} {repo.repo_id} is restricted and you are not in the authorized list. "
+                f"Visit {page} to ask for access."
+            )
             raise _HubError(403, msg, "GatedRepo")
         f = commit.files.get(path)
         if f is None:
@@ -1089,7 +1123,9 @@ class FakeHub:
             f"&X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Expires=3600&X-Amz-Signature={sig}"
         )
 
-    def _serve_cdn(self, h: _Handler, method: str, segs: list[str], query: dict[str, list[str]], entry: dict[str, Any]) -> _Response:
+    def _serve_cdn(
+        self, h: _Handler, method: str, segs: list[str], query: dict[str, list[str]], entry: dict[str, Any]
+    ) -> _Response:
         if len(segs) != 2 or segs[0] != "cdn":
             return _Response(404, [("Content-Type", "application/xml")], b"<Error><Code>NoSuchKey</Code></Error>")
         if self.cdn_reject_auth and h.headers.get("Authorization") is not None:
@@ -1117,7 +1153,9 @@ class FakeHub:
         ]
         return self._file_response(h, f, headers, method, "cdn", entry)
 
-    def _file_response(self, h: _Handler, f: HubFile, headers: list[tuple[str, str]], method: str, port: str, entry: dict[str, Any]) -> _Response:
+    def _file_response(
+        self, h: _Handler, f: HubFile, headers: list[tuple[str, str]], method: str, port: str, entry: dict[str, Any]
+    ) -> _Response:
         rng = _parse_range(h.headers.get("Range"), f.size)
         if rng is not None and self._take_fault("ignore_range", port, method, h.path):
             entry["fault"] = "ignore_range"
@@ -1212,7 +1250,9 @@ def _disposition(path: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def client_env(hub: FakeHub, home: str | os.PathLike, token: str | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
+def client_env(
+    hub: FakeHub, home: str | os.PathLike, token: str | None = None, base: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """Environment for a subprocess using huggingface_hub / datasets against ``hub``.
 
     Caches go under ``home`` (``HF_HOME``, ``HF_HUB_CACHE``, ``HF_DATASETS_CACHE``); any
@@ -1279,18 +1319,23 @@ def running_hub(
     rows = dict(synth.SMALL_ROWS if rows is None else rows)
     target = pathlib.Path(data_dir) if data_dir is not None else pathlib.Path(tmp_path) / "ultrachat_200k"
     if not (target / "README.md").is_file():
-        info = synth.make_ultrachat_repo(target, rows=rows, shards=shards, row_group_size=row_group_size, seed=seed, tricky=tricky)
+        info = synth.make_ultrachat_repo(
+            target, rows=rows, shards=shards, row_group_size=row_group_size, seed=seed, tricky=tricky
+        )
         rows = info["rows"]
     hub = FakeHub(**hub_kwargs)
     files = repo_files_from_dir(target)
     commit = hub.add_repo(repo_id, files, repo_type="dataset")
-    hub.synth = {"dir": target, "files": sorted(files), "rows": rows, "commit": commit, "repo_id": repo_id}  # type: ignore[attr-defined]
+    info = {"dir": target, "files": sorted(files), "rows": rows, "commit": commit, "repo_id": repo_id}
+    hub.synth = info  # type: ignore[attr-defined]
     with hub:
         yield hub
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Serve a folder as a dataset repo on a loopback fake Hugging Face Hub.")
+    parser = argparse.ArgumentParser(
+        description="Serve a folder as a dataset repo on a loopback fake Hugging Face Hub."
+    )
     parser.add_argument("--data", required=True, help="repo folder, e.g. made by `python -m tests.support.synth`")
     parser.add_argument("--repo-id", default=ULTRACHAT_REPO_ID)
     parser.add_argument("--repo-type", default="dataset", choices=["dataset", "model"])

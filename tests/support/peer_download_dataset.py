@@ -25,7 +25,9 @@ import sys
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Download a percentage of every split of a Hugging Face dataset as JSON lines.")
+    parser = argparse.ArgumentParser(
+        description="Download a percentage of every split of a Hugging Face dataset as JSON lines."
+    )
     parser.add_argument("--dataset", type=str, default="samsum", help="dataset name on the Hub")
     parser.add_argument("--dataset_subset", type=str, default=None, help="dataset subset (config) name")
     parser.add_argument(

@@ -385,7 +385,8 @@ def make_ultrachat_repo(
     t0 = time.monotonic()
     corpus = _Corpus(np.random.default_rng([seed, 0xC0FFEE]))
     if progress:
-        print(f"[synth] corpus of {len(corpus.text) / 1e6:.1f} MB ready in {time.monotonic() - t0:.1f}s", file=sys.stderr)
+        elapsed = time.monotonic() - t0
+        print(f"[synth] corpus of {len(corpus.text) / 1e6:.1f} MB ready in {elapsed:.1f}s", file=sys.stderr)
 
     metadata = {b"huggingface": json.dumps(_HF_FEATURES_METADATA).encode()}
     files: list[str] = []
@@ -401,7 +402,8 @@ def make_ultrachat_repo(
         shard_files[split] = []
         row_offset = 0
         for shard_index, shard_rows in enumerate(shard_row_counts(n_rows, n_shards)):
-            rel = f"data/{split}-{shard_index:05d}-of-{n_shards:05d}-{_shard_hash(seed, split, shard_index, n_shards)}.parquet"
+            suffix = _shard_hash(seed, split, shard_index, n_shards)
+            rel = f"data/{split}-{shard_index:05d}-of-{n_shards:05d}-{suffix}.parquet"
             path = out / rel
             tmp = path.with_name(path.name + ".tmp")
             rg = row_group_size or max(1, min(5000, math.ceil(shard_rows / 5)))

@@ -285,6 +285,7 @@ fn write_split(hub: &HubClient, repo: &Repo, commit: &str, split: &SplitFiles, o
     if let Some((p, mut w)) = jsonl_out {
         w.flush().at(&p.tmp)?;
         w.into_inner().map_err(|e| Error::io(&p.tmp, e.into_error()))?.sync_all().at(&p.tmp)?;
+        ctx.check()?;
         paths.push(p.commit()?);
     }
     if let Some((p, file, writer)) = parquet_out {
@@ -305,6 +306,7 @@ fn write_split(hub: &HubClient, repo: &Repo, commit: &str, split: &SplitFiles, o
                     .map_err(|e| Error::data_format(p.dest.display(), e))?;
             }
         }
+        ctx.check()?;
         paths.push(p.commit()?);
     }
     Ok(SplitOutput { split: split.name.clone(), rows: keep, total_rows: total, paths, bytes_fetched: remote_bytes })

@@ -1,6 +1,6 @@
 //! The one helper every long call goes through.
 //!
-//! The work runs on a scoped worker thread with the GIL released. The calling thread
+//! The work runs on a worker thread with the GIL released. The calling thread
 //! waits in short slices: between slices it takes the GIL to forward progress events to
 //! the Python renderer and to check for signals. A Ctrl-C sets the core's cancel flag (the
 //! worker's loops poll it and stop, removing temporary files), then `KeyboardInterrupt` is
@@ -84,85 +84,99 @@ fn deliver(py: Python<'_>, cb: &Option<PyObject>, events: Vec<Event>) -> PyResul
     flush(&mut pending)
 }
 
+/// How long a cancelled worker gets to stop by itself before the caller stops waiting.
+/// A worker blocked in a network read only notices the flag when the read returns; it is
+/// then left to finish in the background (its temporary files are removed on the way
+/// out, and nothing is renamed to a final name once the flag is set).
+const CANCEL_GRACE: Duration = Duration::from_millis(1500);
+
 /// Runs `work` with the GIL released; see the module docs.
 pub fn run_blocking<T, F>(py: Python<'_>, progress: Option<PyObject>, work: F) -> PyResult<T>
 where
-    T: Send,
-    F: FnOnce(&Ctx) -> Result<T> + Send,
+    T: Send + 'static,
+    F: FnOnce(&Ctx) -> Result<T> + Send + 'static,
 {
     let (tx, rx) = channel::<Event>();
-    // Receiver is Send but not Sync; the mutex lets the GIL-free closure borrow it.
-    let rx = Mutex::new(rx);
+    let (done_tx, done_rx) = channel::<std::thread::Result<Result<T>>>();
     let cancel = Cancel::new();
     let ctx = Ctx::new(Arc::new(Channel(Mutex::new(tx))), cancel.clone());
     let slice = Duration::from_millis(100);
-    std::thread::scope(|s| {
-        let worker = s.spawn(move || {
-            let ctx = ctx;
-            work(&ctx)
+    std::thread::Builder::new()
+        .name("ferrotune-worker".into())
+        .spawn(move || {
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&ctx)));
+            let _ = done_tx.send(out);
+        })
+        .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(format!("cannot start a worker thread: {e}")))?;
+    // Receivers are Send but not Sync; the mutexes let the GIL-free closure borrow them.
+    let rx = Mutex::new(rx);
+    let done_rx = Mutex::new(done_rx);
+    let mut py_error: Option<PyErr> = None;
+    let mut cancelled_at: Option<Instant> = None;
+    let outcome = loop {
+        let (events, finished) = py.allow_threads(|| {
+            let mut evs = Vec::new();
+            let rx = rx.lock().expect("only this thread locks it");
+            let until = Instant::now() + slice;
+            loop {
+                let now = Instant::now();
+                if now >= until {
+                    break;
+                }
+                match rx.recv_timeout(until - now) {
+                    Ok(e) => evs.push(e),
+                    Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
+                }
+                if evs.len() > 10_000 {
+                    break;
+                }
+            }
+            let finished = done_rx.lock().expect("only this thread locks it").try_recv().ok();
+            (evs, finished)
         });
-        let mut py_error: Option<PyErr> = None;
-        loop {
-            let done_before = worker.is_finished();
-            let events = py.allow_threads(|| {
-                let mut evs = Vec::new();
-                let rx = rx.lock().expect("only this thread locks it");
-                let until = Instant::now() + slice;
-                loop {
-                    let now = Instant::now();
-                    if now >= until {
-                        break;
-                    }
-                    match rx.recv_timeout(until - now) {
-                        Ok(e) => evs.push(e),
-                        Err(RecvTimeoutError::Timeout) => break,
-                        Err(RecvTimeoutError::Disconnected) => break,
-                    }
-                    if evs.len() > 10_000 {
-                        break;
-                    }
-                }
-                evs
-            });
-            if py_error.is_none() {
-                if let Err(e) = deliver(py, &progress, events) {
-                    // The renderer failed (or raised KeyboardInterrupt): stop the work.
-                    cancel.cancel();
-                    py_error = Some(e);
-                }
-            }
-            if py_error.is_none() {
-                if let Err(e) = py.check_signals() {
-                    cancel.cancel();
-                    py_error = Some(e);
-                }
-            }
-            if done_before && worker.is_finished() {
-                break;
+        if py_error.is_none() {
+            if let Err(e) = deliver(py, &progress, events) {
+                // The renderer failed (or raised KeyboardInterrupt): stop the work.
+                cancel.cancel();
+                py_error = Some(e);
             }
         }
-        let rest: Vec<Event> = rx.lock().expect("only this thread locks it").try_iter().collect();
-        let outcome = worker.join();
-        if let Some(e) = py_error {
-            return Err(e);
-        }
-        deliver(py, &progress, rest)?;
-        match outcome {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(to_pyerr(py, e)),
-            Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                let cls = py
-                    .import("ferrotune.exceptions")
-                    .and_then(|m| m.getattr("FerrotuneError"))?;
-                Err(PyErr::from_value(cls.call1((format!(
-                    "internal error in ferrotune (please report it): {what}"
-                ),))?))
+        if py_error.is_none() {
+            if let Err(e) = py.check_signals() {
+                cancel.cancel();
+                py_error = Some(e);
             }
         }
-    })
+        if let Some(f) = finished {
+            break Some(f);
+        }
+        if py_error.is_some() {
+            let t = *cancelled_at.get_or_insert_with(Instant::now);
+            if t.elapsed() >= CANCEL_GRACE {
+                break None;
+            }
+        }
+    };
+    if let Some(e) = py_error {
+        return Err(e);
+    }
+    let rest: Vec<Event> = rx.lock().expect("only this thread locks it").try_iter().collect();
+    deliver(py, &progress, rest)?;
+    match outcome.expect("no error means the worker finished") {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(to_pyerr(py, e)),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            let cls = py
+                .import("ferrotune.exceptions")
+                .and_then(|m| m.getattr("FerrotuneError"))?;
+            Err(PyErr::from_value(cls.call1((format!(
+                "internal error in ferrotune (please report it): {what}"
+            ),))?))
+        }
+    }
 }

@@ -1,6 +1,6 @@
 //! ferrotune core.
-pub mod error;
 pub mod data;
+pub mod error;
 pub mod hub;
 pub mod progress;
 

@@ -79,7 +79,13 @@ pub struct SplitOutput {
 }
 
 /// Resolves the dataset's splits and their files (README YAML, else file names).
-pub fn dataset_splits(hub: &HubClient, repo: &Repo, commit: &str, subset: Option<&str>, ctx: &Ctx) -> Result<Vec<SplitFiles>> {
+pub fn dataset_splits(
+    hub: &HubClient,
+    repo: &Repo,
+    commit: &str,
+    subset: Option<&str>,
+    ctx: &Ctx,
+) -> Result<Vec<SplitFiles>> {
     let files = hub.files_at(repo, commit, ctx)?;
     let card = if files.iter().any(|f| f.path == "README.md") {
         let p = hub.download(repo, commit, "README.md", ctx)?;
@@ -107,7 +113,11 @@ impl PendingFile {
         let dir = dest.parent().unwrap_or(Path::new("."));
         let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("out");
         let tmp = dir.join(format!(".{name}.{}.tmp", crate::hub::cache::random_hex8()));
-        Self { tmp, dest, done: false }
+        Self {
+            tmp,
+            dest,
+            done: false,
+        }
     }
     fn commit(mut self) -> Result<PathBuf> {
         fs::rename(&self.tmp, &self.dest).at(&self.dest)?;
@@ -126,9 +136,15 @@ impl Drop for PendingFile {
 
 /// Runs the whole download. Splits are written one after another; within a split, shards
 /// are opened and row groups decoded and encoded in parallel, and written in order.
-pub fn download_dataset(hub: &HubClient, opts: &DownloadOptions, ctx: &Ctx) -> Result<Vec<SplitOutput>> {
+pub fn download_dataset(
+    hub: &HubClient,
+    opts: &DownloadOptions,
+    ctx: &Ctx,
+) -> Result<Vec<SplitOutput>> {
     if opts.formats.is_empty() {
-        return Err(Error::InvalidArgument("format: ask for at least one of 'jsonl', 'parquet'".into()));
+        return Err(Error::InvalidArgument(
+            "format: ask for at least one of 'jsonl', 'parquet'".into(),
+        ));
     }
     let repo = Repo::dataset(&opts.dataset)?;
     let commit = hub.resolve_revision(&repo, &opts.revision, ctx)?;
@@ -147,7 +163,11 @@ pub fn download_dataset(hub: &HubClient, opts: &DownloadOptions, ctx: &Ctx) -> R
         splits.retain(|s| wanted.contains(&s.name));
     }
     for s in &splits {
-        if let Some(f) = s.files.iter().find(|f| !f.path.to_ascii_lowercase().ends_with(".parquet")) {
+        if let Some(f) = s
+            .files
+            .iter()
+            .find(|f| !f.path.to_ascii_lowercase().ends_with(".parquet"))
+        {
             return Err(Error::Dataset(format!(
                 "split '{}' is stored as '{}'; ferrotune reads Parquet data files only",
                 s.name, f.path
@@ -164,7 +184,14 @@ pub fn download_dataset(hub: &HubClient, opts: &DownloadOptions, ctx: &Ctx) -> R
 }
 
 /// Opens one shard: from the cache, by full download, or remotely by its footer.
-fn open_shard(hub: &HubClient, repo: &Repo, commit: &str, f: &RepoFile, full: bool, ctx: &Ctx) -> Result<Shard> {
+fn open_shard(
+    hub: &HubClient,
+    repo: &Repo,
+    commit: &str,
+    f: &RepoFile,
+    full: bool,
+    ctx: &Ctx,
+) -> Result<Shard> {
     let cache = hub.repo_cache(repo);
     if let Some(p) = cache.cached_file(commit, &f.path) {
         return Shard::local(&f.path, p);
@@ -177,7 +204,10 @@ fn open_shard(hub: &HubClient, repo: &Repo, commit: &str, f: &RepoFile, full: bo
         if let Some(s) = Shard::remote(hub, meta.clone(), ctx)? {
             return Ok(s);
         }
-        ctx.message(&format!("{}: server ignores Range requests; downloading the whole file", f.path));
+        ctx.message(&format!(
+            "{}: server ignores Range requests; downloading the whole file",
+            f.path
+        ));
         let p = hub.fetch_into_cache(&meta, ctx)?;
         return Shard::local(&f.path, p);
     }
@@ -208,7 +238,14 @@ fn plan(shards: &[Shard], keep: u64) -> Vec<Piece> {
     pieces
 }
 
-fn write_split(hub: &HubClient, repo: &Repo, commit: &str, split: &SplitFiles, opts: &DownloadOptions, ctx: &Ctx) -> Result<SplitOutput> {
+fn write_split(
+    hub: &HubClient,
+    repo: &Repo,
+    commit: &str,
+    split: &SplitFiles,
+    opts: &DownloadOptions,
+    ctx: &Ctx,
+) -> Result<SplitOutput> {
     let shards: Vec<Shard> = split
         .files
         .par_iter()
@@ -219,8 +256,18 @@ fn write_split(hub: &HubClient, repo: &Repo, commit: &str, split: &SplitFiles, o
     let pieces = plan(&shards, keep);
     let remote_bytes: u64 = pieces
         .iter()
-        .filter(|(si, _, _)| matches!(shards[*si].location, super::parquet_source::ShardLocation::Remote(_)))
-        .map(|(si, rg, _)| shards[*si].row_group_range(*rg).map(|(a, b)| b - a).unwrap_or(0))
+        .filter(|(si, _, _)| {
+            matches!(
+                shards[*si].location,
+                super::parquet_source::ShardLocation::Remote(_)
+            )
+        })
+        .map(|(si, rg, _)| {
+            shards[*si]
+                .row_group_range(*rg)
+                .map(|(a, b)| b - a)
+                .unwrap_or(0)
+        })
         .sum();
     if remote_bytes > 0 {
         ctx.message(&format!(
@@ -234,12 +281,18 @@ fn write_split(hub: &HubClient, repo: &Repo, commit: &str, split: &SplitFiles, o
     let mut jsonl_out = None;
     let mut parquet_out = None;
     for fmt in &opts.formats {
-        let dest = opts.download_dir.join(format!("{}.{}", split.name, fmt.ext()));
+        let dest = opts
+            .download_dir
+            .join(format!("{}.{}", split.name, fmt.ext()));
         let pending = PendingFile::new(dest);
         let file = File::create(&pending.tmp).at(&pending.tmp)?;
         match fmt {
-            OutputFormat::Jsonl => jsonl_out = Some((pending, BufWriter::with_capacity(1 << 20, file))),
-            OutputFormat::Parquet => parquet_out = Some((pending, Some(file), None::<ArrowWriter<File>>)),
+            OutputFormat::Jsonl => {
+                jsonl_out = Some((pending, BufWriter::with_capacity(1 << 20, file)))
+            }
+            OutputFormat::Parquet => {
+                parquet_out = Some((pending, Some(file), None::<ArrowWriter<File>>))
+            }
         }
     }
     let want_batches = parquet_out.is_some();
@@ -270,11 +323,20 @@ fn write_split(hub: &HubClient, repo: &Repo, commit: &str, split: &SplitFiles, o
             if let Some((p, file, writer)) = parquet_out.as_mut() {
                 for b in &batches {
                     if writer.is_none() {
-                        let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
+                        let props = WriterProperties::builder()
+                            .set_compression(Compression::SNAPPY)
+                            .build();
                         let f = file.take().expect("file is set until the writer exists");
-                        *writer = Some(ArrowWriter::try_new(f, b.schema(), Some(props)).map_err(|e| Error::data_format(p.dest.display(), e))?);
+                        *writer = Some(
+                            ArrowWriter::try_new(f, b.schema(), Some(props))
+                                .map_err(|e| Error::data_format(p.dest.display(), e))?,
+                        );
                     }
-                    writer.as_mut().expect("set above").write(b).map_err(|e| Error::data_format(p.dest.display(), e))?;
+                    writer
+                        .as_mut()
+                        .expect("set above")
+                        .write(b)
+                        .map_err(|e| Error::data_format(p.dest.display(), e))?;
                 }
             }
             task.advance(rows as u64);
@@ -284,14 +346,18 @@ fn write_split(hub: &HubClient, repo: &Repo, commit: &str, split: &SplitFiles, o
     let mut paths = Vec::new();
     if let Some((p, mut w)) = jsonl_out {
         w.flush().at(&p.tmp)?;
-        w.into_inner().map_err(|e| Error::io(&p.tmp, e.into_error()))?.sync_all().at(&p.tmp)?;
+        w.into_inner()
+            .map_err(|e| Error::io(&p.tmp, e.into_error()))?
+            .sync_all()
+            .at(&p.tmp)?;
         ctx.check()?;
         paths.push(p.commit()?);
     }
     if let Some((p, file, writer)) = parquet_out {
         match writer {
             Some(w) => {
-                w.close().map_err(|e| Error::data_format(p.dest.display(), e))?;
+                w.close()
+                    .map_err(|e| Error::data_format(p.dest.display(), e))?;
             }
             None => {
                 // No rows: an empty Parquet file with the split's schema.
@@ -309,5 +375,11 @@ fn write_split(hub: &HubClient, repo: &Repo, commit: &str, split: &SplitFiles, o
         ctx.check()?;
         paths.push(p.commit()?);
     }
-    Ok(SplitOutput { split: split.name.clone(), rows: keep, total_rows: total, paths, bytes_fetched: remote_bytes })
+    Ok(SplitOutput {
+        split: split.name.clone(),
+        rows: keep,
+        total_rows: total,
+        paths,
+        bytes_fetched: remote_bytes,
+    })
 }

@@ -84,7 +84,11 @@ fn write_float(v: f64, out: &mut Vec<u8>) {
     if a != 0.0 && !(1e-10..1e16).contains(&a) {
         let s = format!("{v:e}");
         let (m, e) = s.split_once('e').expect("exponent form");
-        let e = if e.starts_with('-') { e.to_string() } else { format!("+{e}") };
+        let e = if e.starts_with('-') {
+            e.to_string()
+        } else {
+            format!("+{e}")
+        };
         out.extend_from_slice(format!("{m}e{e}").as_bytes());
     } else if v.fract() == 0.0 {
         out.extend_from_slice(format!("{:.1}", v).as_bytes());
@@ -96,7 +100,12 @@ fn write_float(v: f64, out: &mut Vec<u8>) {
 }
 
 /// Appends the JSON of `array[row]`.
-fn write_value(array: &dyn Array, row: usize, out: &mut Vec<u8>, ints_as_float: bool) -> Result<()> {
+fn write_value(
+    array: &dyn Array,
+    row: usize,
+    out: &mut Vec<u8>,
+    ints_as_float: bool,
+) -> Result<()> {
     if array.is_null(row) {
         out.extend_from_slice(b"null");
         return Ok(());
@@ -115,7 +124,11 @@ fn write_value(array: &dyn Array, row: usize, out: &mut Vec<u8>, ints_as_float: 
         DataType::Utf8 => write_str(array.as_string::<i32>().value(row), out),
         DataType::LargeUtf8 => write_str(array.as_string::<i64>().value(row), out),
         DataType::Utf8View => write_str(array.as_string_view().value(row), out),
-        DataType::Boolean => out.extend_from_slice(if array.as_boolean().value(row) { b"true" } else { b"false" }),
+        DataType::Boolean => out.extend_from_slice(if array.as_boolean().value(row) {
+            b"true"
+        } else {
+            b"false"
+        }),
         DataType::Int8 => int!(Int8Type),
         DataType::Int16 => int!(Int16Type),
         DataType::Int32 => int!(Int32Type),
@@ -124,7 +137,9 @@ fn write_value(array: &dyn Array, row: usize, out: &mut Vec<u8>, ints_as_float: 
         DataType::UInt16 => int!(UInt16Type),
         DataType::UInt32 => int!(UInt32Type),
         DataType::UInt64 => int!(UInt64Type),
-        DataType::Float32 => write_float(array.as_primitive::<Float32Type>().value(row) as f64, out),
+        DataType::Float32 => {
+            write_float(array.as_primitive::<Float32Type>().value(row) as f64, out)
+        }
         DataType::Float64 => write_float(array.as_primitive::<Float64Type>().value(row), out),
         DataType::Null => out.extend_from_slice(b"null"),
         DataType::List(_) => write_list(array.as_list::<i32>().value(row).as_ref(), out)?,
@@ -210,7 +225,10 @@ mod tests {
         assert_eq!(esc("\u{1F600}"), r#""\ud83d\ude00""#);
         assert_eq!(esc("\u{2028}"), r#""\u2028""#);
         assert_eq!(esc("\"\\\n\r\t\u{8}\u{c}"), r#""\"\\\n\r\t\b\f""#);
-        assert_eq!(esc("\u{0}\u{1}\u{1f}\u{7f}<>&"), "\"\\u0000\\u0001\\u001f\u{7f}<>&\"");
+        assert_eq!(
+            esc("\u{0}\u{1}\u{1f}\u{7f}<>&"),
+            "\"\\u0000\\u0001\\u001f\u{7f}<>&\""
+        );
         assert_eq!(esc(""), "\"\"");
     }
 

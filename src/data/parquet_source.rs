@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use arrow_array::RecordBatch;
 use bytes::Bytes;
-use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+};
 use parquet::file::metadata::{FooterTail, ParquetMetaData, ParquetMetaDataReader};
 use parquet::file::reader::{ChunkReader, Length};
 
@@ -46,7 +48,11 @@ impl Shard {
         let md = ParquetMetaDataReader::new()
             .parse_and_finish(&file)
             .map_err(|e| parquet_err(name, e))?;
-        Ok(Self { name: name.to_string(), location: ShardLocation::Local(path), metadata: Arc::new(md) })
+        Ok(Self {
+            name: name.to_string(),
+            location: ShardLocation::Local(path),
+            metadata: Arc::new(md),
+        })
     }
 
     /// Opens a remote file by reading its footer with Range requests. `Ok(None)` when the
@@ -54,23 +60,33 @@ impl Shard {
     pub fn remote(hub: &HubClient, meta: FileMeta, ctx: &Ctx) -> Result<Option<Self>> {
         let name = meta.path.clone();
         if meta.size < 12 {
-            return Err(parquet_err(&name, "file is shorter than a Parquet header and footer"));
+            return Err(parquet_err(
+                &name,
+                "file is shorter than a Parquet header and footer",
+            ));
         }
         let tail_len = meta.size.min(FOOTER_GUESS);
-        let RangeRead::Bytes(mut tail) = hub.read_range(&meta, meta.size - tail_len, meta.size, ctx)? else {
+        let RangeRead::Bytes(mut tail) =
+            hub.read_range(&meta, meta.size - tail_len, meta.size, ctx)?
+        else {
             return Ok(None);
         };
         let last8: [u8; 8] = tail[tail.len() - 8..].try_into().expect("8 bytes");
         let footer = FooterTail::try_new(&last8).map_err(|e| parquet_err(&name, e))?;
         if footer.is_encrypted_footer() {
-            return Err(parquet_err(&name, "encrypted Parquet files are not supported"));
+            return Err(parquet_err(
+                &name,
+                "encrypted Parquet files are not supported",
+            ));
         }
         let need = footer.metadata_length() as u64 + 8;
         if need > meta.size {
             return Err(parquet_err(&name, "footer length exceeds the file size"));
         }
         if need > tail.len() as u64 {
-            let RangeRead::Bytes(more) = hub.read_range(&meta, meta.size - need, meta.size - tail.len() as u64, ctx)? else {
+            let RangeRead::Bytes(more) =
+                hub.read_range(&meta, meta.size - need, meta.size - tail.len() as u64, ctx)?
+            else {
                 return Ok(None);
             };
             let mut all = more;
@@ -78,8 +94,13 @@ impl Shard {
             tail = all;
         }
         let md_bytes = &tail[tail.len() - need as usize..tail.len() - 8];
-        let md = ParquetMetaDataReader::decode_metadata(md_bytes).map_err(|e| parquet_err(&name, e))?;
-        Ok(Some(Self { name, location: ShardLocation::Remote(meta), metadata: Arc::new(md) }))
+        let md =
+            ParquetMetaDataReader::decode_metadata(md_bytes).map_err(|e| parquet_err(&name, e))?;
+        Ok(Some(Self {
+            name,
+            location: ShardLocation::Remote(meta),
+            metadata: Arc::new(md),
+        }))
     }
 
     pub fn num_rows(&self) -> u64 {
@@ -103,7 +124,10 @@ impl Shard {
             let start = c.dictionary_page_offset().unwrap_or(c.data_page_offset());
             let size = c.compressed_size();
             if start < 0 || size < 0 || (start as u64).saturating_add(size as u64) > len {
-                return Err(parquet_err(&self.name, format!("row group {rg} points outside the file")));
+                return Err(parquet_err(
+                    &self.name,
+                    format!("row group {rg} points outside the file"),
+                ));
             }
             lo = lo.min(start as u64);
             hi = hi.max(start as u64 + size as u64);
@@ -115,14 +139,26 @@ impl Shard {
     }
 
     /// Decodes the first `limit` rows of row group `rg` into record batches.
-    pub fn read_row_group(&self, hub: &HubClient, rg: usize, limit: usize, ctx: &Ctx) -> Result<Vec<RecordBatch>> {
+    pub fn read_row_group(
+        &self,
+        hub: &HubClient,
+        rg: usize,
+        limit: usize,
+        ctx: &Ctx,
+    ) -> Result<Vec<RecordBatch>> {
         ctx.check()?;
-        let amd = ArrowReaderMetadata::try_new(Arc::clone(&self.metadata), ArrowReaderOptions::new())
-            .map_err(|e| parquet_err(&self.name, e))?;
+        let amd =
+            ArrowReaderMetadata::try_new(Arc::clone(&self.metadata), ArrowReaderOptions::new())
+                .map_err(|e| parquet_err(&self.name, e))?;
         let batches = match &self.location {
             ShardLocation::Local(p) => {
                 let f = File::open(p).at(p)?;
-                collect(ParquetRecordBatchReaderBuilder::new_with_metadata(f, amd), rg, limit, &self.name)?
+                collect(
+                    ParquetRecordBatchReaderBuilder::new_with_metadata(f, amd),
+                    rg,
+                    limit,
+                    &self.name,
+                )?
             }
             ShardLocation::Remote(meta) => {
                 let (lo, hi) = self.row_group_range(rg)?;
@@ -135,8 +171,17 @@ impl Shard {
                         )))
                     }
                 };
-                let piece = Piece { offset: lo, bytes: Bytes::from(bytes), len: meta.size };
-                collect(ParquetRecordBatchReaderBuilder::new_with_metadata(piece, amd), rg, limit, &self.name)?
+                let piece = Piece {
+                    offset: lo,
+                    bytes: Bytes::from(bytes),
+                    len: meta.size,
+                };
+                collect(
+                    ParquetRecordBatchReaderBuilder::new_with_metadata(piece, amd),
+                    rg,
+                    limit,
+                    &self.name,
+                )?
             }
         };
         Ok(batches)
@@ -180,7 +225,8 @@ impl ChunkReader for Piece {
     fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
         use bytes::Buf;
         let end = self.offset + self.bytes.len() as u64;
-        self.get_bytes(start, (end.saturating_sub(start)) as usize).map(|b| b.reader())
+        self.get_bytes(start, (end.saturating_sub(start)) as usize)
+            .map(|b| b.reader())
     }
 
     fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {

@@ -91,7 +91,10 @@ mod tests {
         assert_eq!(SplitPc::parse("2.5").unwrap(), SplitPc::Float(2.5));
         assert_eq!(SplitPc::parse("5.0").unwrap(), SplitPc::Int(5));
         for bad in ["0", "-1", "101", "abc", "", "nan", "inf", "1e9"] {
-            assert!(matches!(SplitPc::parse(bad), Err(Error::InvalidArgument(_))), "{bad}");
+            assert!(
+                matches!(SplitPc::parse(bad), Err(Error::InvalidArgument(_))),
+                "{bad}"
+            );
         }
     }
 }

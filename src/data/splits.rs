@@ -22,16 +22,19 @@ pub fn front_matter(readme: &str) -> Result<Option<Value>> {
         return Ok(None);
     };
     let rest = rest.trim_start_matches([' ', '\t']);
-    let Some(rest) = rest.strip_prefix('\n').or_else(|| rest.strip_prefix("\r\n")) else {
+    let Some(rest) = rest
+        .strip_prefix('\n')
+        .or_else(|| rest.strip_prefix("\r\n"))
+    else {
         return Ok(None);
     };
-    let end = rest
-        .match_indices("\n---")
-        .map(|(i, _)| i)
-        .find(|&i| {
-            let after = &rest[i + 4..];
-            after.is_empty() || after.starts_with('\n') || after.starts_with("\r\n") || after.starts_with([' ', '\t'])
-        });
+    let end = rest.match_indices("\n---").map(|(i, _)| i).find(|&i| {
+        let after = &rest[i + 4..];
+        after.is_empty()
+            || after.starts_with('\n')
+            || after.starts_with("\r\n")
+            || after.starts_with([' ', '\t'])
+    });
     let yaml = match end {
         Some(i) => &rest[..i],
         None if rest.starts_with("---") => "",
@@ -42,8 +45,11 @@ pub fn front_matter(readme: &str) -> Result<Option<Value>> {
     Ok(Some(v))
 }
 
-/// `(split, patterns)` pairs of one config's `data_files`, in declaration order.
-fn data_files_of(v: &Value) -> Result<Vec<(String, Vec<String>)>> {
+/// `(split, glob patterns)` pairs, in declaration order.
+pub type SplitPatterns = Vec<(String, Vec<String>)>;
+
+/// The split patterns of one config's `data_files`.
+fn data_files_of(v: &Value) -> Result<SplitPatterns> {
     let patterns = |p: &Value| -> Result<Vec<String>> {
         match p {
             Value::String(s) => Ok(vec![s.clone()]),
@@ -55,7 +61,9 @@ fn data_files_of(v: &Value) -> Result<Vec<(String, Vec<String>)>> {
                         .ok_or_else(|| Error::Dataset("data_files patterns must be strings".into()))
                 })
                 .collect(),
-            _ => Err(Error::Dataset("data_files 'path' must be a string or a list".into())),
+            _ => Err(Error::Dataset(
+                "data_files 'path' must be a string or a list".into(),
+            )),
         }
     };
     match v {
@@ -71,29 +79,36 @@ fn data_files_of(v: &Value) -> Result<Vec<(String, Vec<String>)>> {
                     .and_then(Value::as_str)
                     .unwrap_or("train")
                     .to_string();
-                let path = item
-                    .get("path")
-                    .ok_or_else(|| Error::Dataset(format!("data_files entry for split '{split}' has no 'path'")))?;
+                let path = item.get("path").ok_or_else(|| {
+                    Error::Dataset(format!(
+                        "data_files entry for split '{split}' has no 'path'"
+                    ))
+                })?;
                 Ok((split, patterns(path)?))
             })
             .collect(),
         Value::Mapping(m) => m
             .iter()
             .map(|(k, p)| {
-                let split = k
-                    .as_str()
-                    .ok_or_else(|| Error::Dataset("data_files split names must be strings".into()))?;
+                let split = k.as_str().ok_or_else(|| {
+                    Error::Dataset("data_files split names must be strings".into())
+                })?;
                 Ok((split.to_string(), patterns(p)?))
             })
             .collect(),
-        _ => Err(Error::Dataset("data_files must be a string, a list or a mapping".into())),
+        _ => Err(Error::Dataset(
+            "data_files must be a string, a list or a mapping".into(),
+        )),
     }
 }
 
 /// Picks the config (`subset`, else the one marked `default: true`, else the one named
 /// `default`, else the only one) and returns its split patterns. `None` when the card
 /// declares no configs.
-pub fn config_patterns(card: Option<&Value>, subset: Option<&str>) -> Result<Option<Vec<(String, Vec<String>)>>> {
+pub fn config_patterns(
+    card: Option<&Value>,
+    subset: Option<&str>,
+) -> Result<Option<SplitPatterns>> {
     let configs = match card.and_then(|c| c.get("configs")).and_then(Value::as_sequence) {
         Some(c) if !c.is_empty() => c,
         _ => {
@@ -105,7 +120,12 @@ pub fn config_patterns(card: Option<&Value>, subset: Option<&str>) -> Result<Opt
             }
         }
     };
-    let name_of = |c: &Value| c.get("config_name").and_then(Value::as_str).unwrap_or("default").to_string();
+    let name_of = |c: &Value| {
+        c.get("config_name")
+            .and_then(Value::as_str)
+            .unwrap_or("default")
+            .to_string()
+    };
     let names: Vec<String> = configs.iter().map(name_of).collect();
     let chosen = match subset {
         Some(s) => configs.iter().find(|c| name_of(c) == s).ok_or_else(|| {
@@ -123,9 +143,9 @@ pub fn config_patterns(card: Option<&Value>, subset: Option<&str>) -> Result<Opt
                 ))
             })?,
     };
-    let df = chosen.get("data_files").ok_or_else(|| {
-        Error::Dataset(format!("config '{}' has no data_files", name_of(chosen)))
-    })?;
+    let df = chosen
+        .get("data_files")
+        .ok_or_else(|| Error::Dataset(format!("config '{}' has no data_files", name_of(chosen))))?;
     Ok(Some(data_files_of(df)?))
 }
 
@@ -141,14 +161,21 @@ fn matcher(pattern: &str) -> Result<GlobMatcher> {
 /// Hidden files and `__`-prefixed ones are skipped unless a pattern names them, as
 /// `datasets` does.
 fn is_hidden(path: &str) -> bool {
-    path.split('/').any(|s| s.starts_with('.') || s.starts_with("__"))
+    path.split('/')
+        .any(|s| s.starts_with('.') || s.starts_with("__"))
 }
 
 /// Resolves split patterns against the repo's files.
-pub fn resolve_patterns(patterns: &[(String, Vec<String>)], files: &[RepoFile]) -> Result<Vec<SplitFiles>> {
+pub fn resolve_patterns(
+    patterns: &[(String, Vec<String>)],
+    files: &[RepoFile],
+) -> Result<Vec<SplitFiles>> {
     let mut out: Vec<SplitFiles> = Vec::new();
     for (split, pats) in patterns {
-        let matchers = pats.iter().map(|p| matcher(p)).collect::<Result<Vec<_>>>()?;
+        let matchers = pats
+            .iter()
+            .map(|p| matcher(p))
+            .collect::<Result<Vec<_>>>()?;
         let mut matched: Vec<RepoFile> = files
             .iter()
             .filter(|f| matchers.iter().any(|m| m.is_match(&f.path)))
@@ -173,7 +200,9 @@ pub fn resolve_patterns(patterns: &[(String, Vec<String>)], files: &[RepoFile]) 
     Ok(out)
 }
 
-const DATA_EXTENSIONS: &[&str] = &[".parquet", ".jsonl", ".json", ".csv", ".arrow", ".txt", ".tsv"];
+const DATA_EXTENSIONS: &[&str] = &[
+    ".parquet", ".jsonl", ".json", ".csv", ".arrow", ".txt", ".tsv",
+];
 
 fn is_data_file(path: &str) -> bool {
     let p = path.to_ascii_lowercase();
@@ -196,7 +225,10 @@ fn sharded_split_name(path: &str) -> Option<String> {
             && &rest[6..10] == b"-of-"
             && rest[10..15].iter().all(u8::is_ascii_digit);
         let split = &name[..i];
-        (ok && split.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '.')).then(|| split.to_string())
+        (ok && split
+            .chars()
+            .all(|c| c.is_alphanumeric() || c == '_' || c == '.'))
+        .then(|| split.to_string())
     })
 }
 
@@ -227,13 +259,21 @@ pub fn infer_splits(files: &[RepoFile]) -> Result<Vec<SplitFiles>> {
         if let Some(s) = sharded_split_name(&f.path) {
             match sharded.iter_mut().find(|x| x.name == s) {
                 Some(x) => x.files.push((*f).clone()),
-                None => sharded.push(SplitFiles { name: s, files: vec![(*f).clone()] }),
+                None => sharded.push(SplitFiles {
+                    name: s,
+                    files: vec![(*f).clone()],
+                }),
             }
         }
     }
     let mut splits = if !sharded.is_empty() {
         // train, validation, test first, then the rest alphabetically.
-        let rank = |n: &str| KEYWORDS.iter().position(|(k, _)| *k == n).unwrap_or(KEYWORDS.len());
+        let rank = |n: &str| {
+            KEYWORDS
+                .iter()
+                .position(|(k, _)| *k == n)
+                .unwrap_or(KEYWORDS.len())
+        };
         sharded.sort_by(|a, b| rank(&a.name).cmp(&rank(&b.name)).then(a.name.cmp(&b.name)));
         sharded
     } else {
@@ -245,7 +285,10 @@ pub fn infer_splits(files: &[RepoFile]) -> Result<Vec<SplitFiles>> {
                     .filter(|f| words.iter().any(|w| mentions(&f.path, w)))
                     .map(|f| (*f).clone())
                     .collect();
-                (!files.is_empty()).then(|| SplitFiles { name: split.to_string(), files })
+                (!files.is_empty()).then(|| SplitFiles {
+                    name: split.to_string(),
+                    files,
+                })
             })
             .collect();
         if v.is_empty() {
@@ -267,7 +310,12 @@ mod tests {
     use super::*;
 
     fn f(p: &str) -> RepoFile {
-        RepoFile { path: p.into(), size: 1, oid: String::new(), lfs_sha256: None }
+        RepoFile {
+            path: p.into(),
+            size: 1,
+            oid: String::new(),
+            lfs_sha256: None,
+        }
     }
 
     const CARD: &str = "---\nlicense: mit\nconfigs:\n- config_name: default\n  data_files:\n  - split: train_sft\n    path: data/train_sft-*\n  - split: test_sft\n    path: data/test_sft-*\n  - split: train_gen\n    path: data/train_gen-*\n  - split: test_gen\n    path: data/test_gen-*\n---\n# UltraChat\n";
@@ -301,15 +349,24 @@ mod tests {
                 "data/train_sft-00002-of-00003-c.parquet"
             ]
         );
-        assert!(matches!(config_patterns(card.as_ref(), Some("nope")), Err(Error::Dataset(_))));
+        assert!(matches!(
+            config_patterns(card.as_ref(), Some("nope")),
+            Err(Error::Dataset(_))
+        ));
     }
 
     #[test]
     fn data_files_shapes() {
         let card = front_matter("---\nconfigs:\n- config_name: a\n  data_files: x/*.parquet\n- config_name: b\n  data_files:\n    train: t/*.parquet\n    test: [u/*.parquet]\n---\n").unwrap();
-        assert!(config_patterns(card.as_ref(), None).is_err(), "no default among two configs");
+        assert!(
+            config_patterns(card.as_ref(), None).is_err(),
+            "no default among two configs"
+        );
         let a = config_patterns(card.as_ref(), Some("a")).unwrap().unwrap();
-        assert_eq!(a, vec![("train".to_string(), vec!["x/*.parquet".to_string()])]);
+        assert_eq!(
+            a,
+            vec![("train".to_string(), vec!["x/*.parquet".to_string()])]
+        );
         let b = config_patterns(card.as_ref(), Some("b")).unwrap().unwrap();
         assert_eq!(b[1], ("test".to_string(), vec!["u/*.parquet".to_string()]));
         assert_eq!(front_matter("# no yaml").unwrap(), None);
@@ -320,8 +377,17 @@ mod tests {
         let splits = infer_splits(&files()).unwrap();
         let names: Vec<_> = splits.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["test_gen", "test_sft", "train_gen", "train_sft"]);
-        let kw = infer_splits(&[f("train.parquet"), f("dev.parquet"), f("test.parquet"), f("contest.parquet")]).unwrap();
-        let names: Vec<_> = kw.iter().map(|s| (s.name.as_str(), s.files.len())).collect();
+        let kw = infer_splits(&[
+            f("train.parquet"),
+            f("dev.parquet"),
+            f("test.parquet"),
+            f("contest.parquet"),
+        ])
+        .unwrap();
+        let names: Vec<_> = kw
+            .iter()
+            .map(|s| (s.name.as_str(), s.files.len()))
+            .collect();
         assert_eq!(names, [("train", 1), ("validation", 1), ("test", 1)]);
         let single = infer_splits(&[f("stuff.parquet")]).unwrap();
         assert_eq!(single[0].name, "train");

@@ -161,7 +161,9 @@ impl HubClient {
                 None => return Ok(out),
             }
         }
-        Err(Error::Protocol("tree listing did not end after 100000 pages".into()))
+        Err(Error::Protocol(
+            "tree listing did not end after 100000 pages".into(),
+        ))
     }
 
     pub(crate) fn auth_for(&self, url: &str) -> Auth {

@@ -109,7 +109,11 @@ pub fn random_hex8() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    let mut x = t ^ ((std::process::id() as u64) << 32) ^ COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut x = t
+        ^ ((std::process::id() as u64) << 32)
+        ^ COUNTER
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
     // splitmix64 finaliser: spreads the bits so consecutive calls look unrelated.
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -277,13 +281,32 @@ mod tests {
 
     #[test]
     fn repo_paths() {
-        for ok in ["a.parquet", "data/train-00000-of-00003.parquet", "README.md", "a/b/c d.txt"] {
+        for ok in [
+            "a.parquet",
+            "data/train-00000-of-00003.parquet",
+            "README.md",
+            "a/b/c d.txt",
+        ] {
             assert!(check_repo_path(ok).is_ok(), "{ok}");
         }
         for bad in [
-            "", "/etc/passwd", "../x", "a/../../x", "a//b", "./a", "C:/x", "c:x", "a\\b", "\\\\srv\\x", "a/.", "a\0b",
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a//b",
+            "./a",
+            "C:/x",
+            "c:x",
+            "a\\b",
+            "\\\\srv\\x",
+            "a/.",
+            "a\0b",
         ] {
-            assert!(matches!(check_repo_path(bad), Err(Error::Protocol(_))), "{bad:?}");
+            assert!(
+                matches!(check_repo_path(bad), Err(Error::Protocol(_))),
+                "{bad:?}"
+            );
         }
     }
 
@@ -294,7 +317,13 @@ mod tests {
         assert_eq!(normalize_etag(&format!("W/\"{sha1}\"")).unwrap(), sha1);
         let sha256 = "a".repeat(64);
         assert_eq!(normalize_etag(&sha256).unwrap(), sha256);
-        for bad in ["", "\"../../etc/passwd\"", "abc", &"g".repeat(40), &"a".repeat(41)] {
+        for bad in [
+            "",
+            "\"../../etc/passwd\"",
+            "abc",
+            &"g".repeat(40),
+            &"a".repeat(41),
+        ] {
             assert!(normalize_etag(bad).is_err(), "{bad}");
         }
     }
@@ -316,11 +345,18 @@ mod tests {
         assert_eq!(fs::read(&link).unwrap(), b"hello");
         assert_eq!(c.cached_file(&commit, "data/x/y.parquet"), Some(link));
         c.write_ref("main", &commit).unwrap();
-        assert_eq!(fs::read_to_string(c.root.join("refs/main")).unwrap(), commit);
+        assert_eq!(
+            fs::read_to_string(c.root.join("refs/main")).unwrap(),
+            commit
+        );
         assert_eq!(c.resolve_ref("main"), Some(commit.clone()));
         c.mark_missing(&commit, "x.py").unwrap();
         assert!(c.is_marked_missing(&commit, "x.py"));
         let _g = c.lock(&etag).unwrap();
-        assert!(dir.path().join(".locks/datasets--org--name").join(format!("{etag}.lock")).exists());
+        assert!(dir
+            .path()
+            .join(".locks/datasets--org--name")
+            .join(format!("{etag}.lock"))
+            .exists());
     }
 }

@@ -109,7 +109,9 @@ impl HubClient {
         check_repo_path(path)?;
         let mut url = self.resolve_url(repo, revision, path);
         for _hop in 0..10 {
-            let resp = self.http.send("HEAD", &url, self.auth_for(&url), None, ctx.cancel())?;
+            let resp = self
+                .http
+                .send("HEAD", &url, self.auth_for(&url), None, ctx.cancel())?;
             let status = resp.status();
             if status.is_redirection() {
                 let loc = header(&resp, "location").ok_or_else(|| {
@@ -138,7 +140,14 @@ impl HubClient {
         Err(Error::Protocol(format!("too many redirects from {url}")))
     }
 
-    fn meta_from(&self, resp: &Resp, repo: &Repo, path: &str, url: String, auth: Auth) -> Result<FileMeta> {
+    fn meta_from(
+        &self,
+        resp: &Resp,
+        repo: &Repo,
+        path: &str,
+        url: String,
+        auth: Auth,
+    ) -> Result<FileMeta> {
         let commit = header(resp, "x-repo-commit")
             .filter(|c| super::cache::is_commit(c))
             .ok_or_else(|| Error::Protocol(format!("no valid X-Repo-Commit for {path}")))?
@@ -205,7 +214,13 @@ impl HubClient {
         self.fetch_into_cache(&meta, ctx)
     }
 
-    pub(crate) fn offline_error(&self, repo: &Repo, revision: &str, path: &str, why: &str) -> Error {
+    pub(crate) fn offline_error(
+        &self,
+        repo: &Repo,
+        revision: &str,
+        path: &str,
+        why: &str,
+    ) -> Error {
         Error::OfflineNotCached {
             what: format!("{}@{revision}:{path}", repo.id),
             cache: self.repo_cache(repo).root,
@@ -229,7 +244,13 @@ impl HubClient {
         cache.link_snapshot(&meta.commit, &meta.path, &meta.etag)
     }
 
-    fn download_blob(&self, meta: &FileMeta, cache: &RepoCache, blob: &Path, ctx: &Ctx) -> Result<()> {
+    fn download_blob(
+        &self,
+        meta: &FileMeta,
+        cache: &RepoCache,
+        blob: &Path,
+        ctx: &Ctx,
+    ) -> Result<()> {
         let blobs = blob.parent().expect("blob has a parent");
         fs::create_dir_all(blobs).at(blobs)?;
         let task = ctx.task(&meta.path, Some(meta.size), "B");
@@ -266,7 +287,10 @@ impl HubClient {
                     meta.path, meta.etag, attempt + 1
                 )));
             }
-            ctx.message(&format!("{}: checksum mismatch, downloading again", meta.path));
+            ctx.message(&format!(
+                "{}: checksum mismatch, downloading again",
+                meta.path
+            ));
             self.http.backoff(attempt, None, ctx.cancel())?;
             attempt += 1;
         }
@@ -274,7 +298,13 @@ impl HubClient {
 
     /// Streams the file into `tmp`, resuming from its current length with `Range`.
     /// Returns the content digest (always `Some`).
-    fn download_sequential(&self, meta: &FileMeta, tmp: &Path, task: &Task, ctx: &Ctx) -> Result<Option<String>> {
+    fn download_sequential(
+        &self,
+        meta: &FileMeta,
+        tmp: &Path,
+        task: &Task,
+        ctx: &Ctx,
+    ) -> Result<Option<String>> {
         let mut file = OpenOptions::new()
             .create(true)
             .read(true)
@@ -293,7 +323,9 @@ impl HubClient {
             let mut buf = vec![0u8; CHUNK];
             let mut left = have;
             while left > 0 {
-                let n = file.read(&mut buf[..(left.min(CHUNK as u64) as usize)]).at(tmp)?;
+                let n = file
+                    .read(&mut buf[..(left.min(CHUNK as u64) as usize)])
+                    .at(tmp)?;
                 if n == 0 {
                     break;
                 }
@@ -306,12 +338,17 @@ impl HubClient {
         while have < meta.size {
             ctx.check()?;
             let range = (have > 0).then_some((have, None));
-            let step = self.stream_once(meta, range, &mut |bytes: &[u8]| {
-                file.write_all(bytes).at(tmp)?;
-                hasher.update(bytes);
-                task.advance(bytes.len() as u64);
-                Ok(())
-            }, ctx);
+            let step = self.stream_once(
+                meta,
+                range,
+                &mut |bytes: &[u8]| {
+                    file.write_all(bytes).at(tmp)?;
+                    hasher.update(bytes);
+                    task.advance(bytes.len() as u64);
+                    Ok(())
+                },
+                ctx,
+            );
             match step {
                 Ok(StreamStart::Resumed) | Ok(StreamStart::Fresh) => {}
                 Ok(StreamStart::RangeIgnored) => {
@@ -350,7 +387,9 @@ impl HubClient {
         sink: &mut dyn FnMut(&[u8]) -> Result<()>,
         ctx: &Ctx,
     ) -> Result<StreamStart> {
-        let mut resp = self.http.send("GET", &meta.url, meta.auth, range, ctx.cancel())?;
+        let mut resp = self
+            .http
+            .send("GET", &meta.url, meta.auth, range, ctx.cancel())?;
         let status = resp.status().as_u16();
         let start = match (status, range) {
             (206, Some((from, _))) => {
@@ -383,9 +422,9 @@ impl HubClient {
         let mut buf = vec![0u8; CHUNK];
         loop {
             ctx.check()?;
-            let n = reader
-                .read(&mut buf)
-                .map_err(|e| Error::Http(format!("{}: connection lost mid-file: {e}", meta.path)))?;
+            let n = reader.read(&mut buf).map_err(|e| {
+                Error::Http(format!("{}: connection lost mid-file: {e}", meta.path))
+            })?;
             if n == 0 {
                 return Ok(start);
             }
@@ -396,7 +435,13 @@ impl HubClient {
     /// Large files: `parallel_connections` range requests into part files (each resumable
     /// by its length), then concatenated into `tmp` while hashing. `Ok(None)` when the
     /// server does not do ranges.
-    fn download_parallel(&self, meta: &FileMeta, tmp: &Path, task: &Task, ctx: &Ctx) -> Result<Option<String>> {
+    fn download_parallel(
+        &self,
+        meta: &FileMeta,
+        tmp: &Path,
+        task: &Task,
+        ctx: &Ctx,
+    ) -> Result<Option<String>> {
         let n = self.settings().parallel_connections.max(1) as u64;
         let part_len = meta.size.div_ceil(n);
         let blobs = tmp.parent().expect("tmp has a parent");
@@ -404,18 +449,27 @@ impl HubClient {
             .map(|k| {
                 let start = k * part_len;
                 let end = ((k + 1) * part_len).min(meta.size);
-                (blobs.join(format!("{}.p{k}-{n}.partial", meta.etag)), start, end)
+                (
+                    blobs.join(format!("{}.p{k}-{n}.partial", meta.etag)),
+                    start,
+                    end,
+                )
             })
             .filter(|(_, s, e)| s < e)
             .collect();
         let results: Vec<Result<bool>> = std::thread::scope(|s| {
             let handles: Vec<_> = parts
                 .iter()
-                .map(|(p, start, end)| s.spawn(move || self.download_part(meta, p, *start, *end, task, ctx)))
+                .map(|(p, start, end)| {
+                    s.spawn(move || self.download_part(meta, p, *start, *end, task, ctx))
+                })
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(Error::Http("download thread panicked".into()))))
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(Error::Http("download thread panicked".into())))
+                })
                 .collect()
         });
         let mut ranges_ok = true;
@@ -453,8 +507,20 @@ impl HubClient {
 
     /// Fetches bytes `[start, end)` into `part`, resuming from its length. `Ok(false)` if
     /// the server ignored the Range header.
-    fn download_part(&self, meta: &FileMeta, part: &Path, start: u64, end: u64, task: &Task, ctx: &Ctx) -> Result<bool> {
-        let mut file = OpenOptions::new().create(true).append(true).open(part).at(part)?;
+    fn download_part(
+        &self,
+        meta: &FileMeta,
+        part: &Path,
+        start: u64,
+        end: u64,
+        task: &Task,
+        ctx: &Ctx,
+    ) -> Result<bool> {
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(part)
+            .at(part)?;
         let mut have = file.metadata().at(part)?.len();
         if have > end - start {
             file.set_len(0).at(part)?;
@@ -464,14 +530,19 @@ impl HubClient {
         let mut failures = 0;
         while start + have < end {
             ctx.check()?;
-            let res = self.stream_once(meta, Some((start + have, Some(end - 1))), &mut |b: &[u8]| {
-                let room = (end - start - have) as usize;
-                let b = &b[..b.len().min(room)];
-                file.write_all(b).at(part)?;
-                have += b.len() as u64;
-                task.advance(b.len() as u64);
-                Ok(())
-            }, ctx);
+            let res = self.stream_once(
+                meta,
+                Some((start + have, Some(end - 1))),
+                &mut |b: &[u8]| {
+                    let room = (end - start - have) as usize;
+                    let b = &b[..b.len().min(room)];
+                    file.write_all(b).at(part)?;
+                    have += b.len() as u64;
+                    task.advance(b.len() as u64);
+                    Ok(())
+                },
+                ctx,
+            );
             match res {
                 Ok(StreamStart::RangeIgnored) => return Ok(false),
                 Ok(_) => {}
@@ -488,17 +559,28 @@ impl HubClient {
     }
 
     /// Reads bytes `[start, end)` of a remote file (for footer and row-group reads).
-    pub fn read_range(&self, meta: &FileMeta, start: u64, end: u64, ctx: &Ctx) -> Result<RangeRead> {
+    pub fn read_range(
+        &self,
+        meta: &FileMeta,
+        start: u64,
+        end: u64,
+        ctx: &Ctx,
+    ) -> Result<RangeRead> {
         let want = (end - start) as usize;
         let mut out = Vec::with_capacity(want);
         let mut failures = 0;
         while out.len() < want {
             let from = start + out.len() as u64;
-            let res = self.stream_once(meta, Some((from, Some(end - 1))), &mut |b: &[u8]| {
-                let room = want - out.len();
-                out.extend_from_slice(&b[..b.len().min(room)]);
-                Ok(())
-            }, ctx);
+            let res = self.stream_once(
+                meta,
+                Some((from, Some(end - 1))),
+                &mut |b: &[u8]| {
+                    let room = want - out.len();
+                    out.extend_from_slice(&b[..b.len().min(room)]);
+                    Ok(())
+                },
+                ctx,
+            );
             match res {
                 Ok(StreamStart::RangeIgnored) => return Ok(RangeRead::Unsupported),
                 Ok(_) => {}

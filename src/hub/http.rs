@@ -188,7 +188,12 @@ impl Http {
 
     /// Waits before retry number `attempt + 1`: the server's `Retry-After` if it gave one
     /// (capped at a minute), else exponential back-off.
-    pub fn backoff(&self, attempt: u32, server_wait: Option<Duration>, cancel: &Cancel) -> Result<()> {
+    pub fn backoff(
+        &self,
+        attempt: u32,
+        server_wait: Option<Duration>,
+        cancel: &Cancel,
+    ) -> Result<()> {
         let exp = self
             .settings
             .initial_backoff

@@ -113,7 +113,10 @@ mod tests {
         assert_eq!(r.cache_folder(), "datasets--HuggingFaceH4--ultrachat_200k");
         assert_eq!(r.url_path(), "datasets/HuggingFaceH4/ultrachat_200k");
         let m = Repo::model("microsoft/Phi-3-mini-4k-instruct").unwrap();
-        assert_eq!(m.cache_folder(), "models--microsoft--Phi-3-mini-4k-instruct");
+        assert_eq!(
+            m.cache_folder(),
+            "models--microsoft--Phi-3-mini-4k-instruct"
+        );
         assert_eq!(m.url_path(), "microsoft/Phi-3-mini-4k-instruct");
         assert!(Repo::model("gpt2").is_ok());
     }

@@ -40,7 +40,10 @@ fn download_dataset(
             subset,
             splits,
             revision,
-            formats: formats.iter().map(|f| OutputFormat::parse(f)).collect::<crate::error::Result<_>>()?,
+            formats: formats
+                .iter()
+                .map(|f| OutputFormat::parse(f))
+                .collect::<crate::error::Result<_>>()?,
             full_download,
         };
         let hub = HubClient::from_env(token);
@@ -55,7 +58,10 @@ fn download_dataset(
             d.set_item("total_rows", o.total_rows)?;
             d.set_item(
                 "paths",
-                o.paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+                o.paths
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>(),
             )?;
             d.set_item("bytes_fetched", o.bytes_fetched)?;
             Ok(d.into_any().unbind())
@@ -78,7 +84,8 @@ fn split_names(
         let hub = HubClient::from_env(token);
         let repo = Repo::dataset(&dataset)?;
         let commit = hub.resolve_revision(&repo, &revision, ctx)?;
-        let splits = data::download_dataset::dataset_splits(&hub, &repo, &commit, subset.as_deref(), ctx)?;
+        let splits =
+            data::download_dataset::dataset_splits(&hub, &repo, &commit, subset.as_deref(), ctx)?;
         Ok(splits.into_iter().map(|s| s.name).collect())
     })
 }
@@ -99,7 +106,10 @@ fn hub_download(
     run::run_blocking(py, progress, move |ctx| {
         let hub = HubClient::from_env(token);
         let repo = Repo::new(&repo_id, RepoKind::parse(&repo_type)?)?;
-        Ok(hub.download(&repo, &revision, &filename, ctx)?.display().to_string())
+        Ok(hub
+            .download(&repo, &revision, &filename, ctx)?
+            .display()
+            .to_string())
     })
 }
 

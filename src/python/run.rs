@@ -107,7 +107,9 @@ where
             let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&ctx)));
             let _ = done_tx.send(out);
         })
-        .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(format!("cannot start a worker thread: {e}")))?;
+        .map_err(|e| {
+            pyo3::exceptions::PyRuntimeError::new_err(format!("cannot start a worker thread: {e}"))
+        })?;
     // Receivers are Send but not Sync; the mutexes let the GIL-free closure borrow them.
     let rx = Mutex::new(rx);
     let done_rx = Mutex::new(done_rx);
@@ -131,7 +133,11 @@ where
                     break;
                 }
             }
-            let finished = done_rx.lock().expect("only this thread locks it").try_recv().ok();
+            let finished = done_rx
+                .lock()
+                .expect("only this thread locks it")
+                .try_recv()
+                .ok();
             (evs, finished)
         });
         if py_error.is_none() {
@@ -160,7 +166,11 @@ where
     if let Some(e) = py_error {
         return Err(e);
     }
-    let rest: Vec<Event> = rx.lock().expect("only this thread locks it").try_iter().collect();
+    let rest: Vec<Event> = rx
+        .lock()
+        .expect("only this thread locks it")
+        .try_iter()
+        .collect();
     deliver(py, &progress, rest)?;
     match outcome.expect("no error means the worker finished") {
         Ok(Ok(v)) => Ok(v),

@@ -273,3 +273,12 @@ def test_ctrl_c_stops_promptly_and_leaves_no_final_file(hub, hf_env, tmp_path):
     finals = [p for p in blobs.iterdir() if len(p.name) == 64] if blobs.exists() else []
     parquet_blobs = [p for p in finals if p.stat().st_size > 10_000]
     assert parquet_blobs == [], "a half-downloaded shard must not get its final name"
+
+
+def test_stalled_server_times_out_and_retries(model_hub, hf_env, monkeypatch):
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "1")
+    model_hub.add_fault("stall", port="cdn", seconds=3, times=1)
+    t0 = time.monotonic()
+    p = ferrotune.hub_download(MODEL, "model.safetensors")
+    assert Path(p).read_bytes() == model_hub.model_files["model.safetensors"]
+    assert time.monotonic() - t0 < 3, "the stalled request should time out after ~1 s and be retried"

@@ -37,19 +37,27 @@ PEER = ROOT / "tests" / "support" / "peer_download_dataset.py"
 SMALL = {"train_sft": 20786, "test_sft": 2311, "train_gen": 25603, "test_gen": 2830}
 
 
+# A tiny stdlib-only launcher: it starts the tool and reports the tool's own peak RSS.
+# (Measuring from this benchmark process directly would be wrong: on Linux a child's
+# ru_maxrss starts from its parent's RSS at fork time, and this process holds pyarrow.)
+_LAUNCHER = (
+    "import os, sys, json\n"
+    "pid = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ)\n"
+    "_, status, ru = os.wait4(pid, 0)\n"
+    "sys.stderr.write('\\nRSS_KIB=' + str(ru.ru_maxrss) + '\\n')\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
 def run_measured(cmd: list, env: dict) -> dict:
-    """Runs cmd; returns wall seconds and the child's peak RSS (MiB)."""
+    """Runs cmd; returns wall seconds and the tool's peak RSS (MiB)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    # wait4 gives this child's own rusage (ru_maxrss in KiB on Linux)
-    out = proc.stdout.read()
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, *cmd], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[:4]} failed ({proc.returncode}):\n{err.decode()[-3000:]}")
-    return {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "stdout": out.decode()[-500:]}
+        raise RuntimeError(f"{cmd[:4]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    rss_kib = int(proc.stderr.rsplit("RSS_KIB=", 1)[1].split()[0])
+    return {"wall_s": wall, "peak_rss_mib": rss_kib / 1024, "stdout": proc.stdout[-500:]}
 
 
 def start_hub(data_dir: Path) -> tuple[subprocess.Popen, str]:

@@ -280,8 +280,8 @@ def test_reference_is_what_datasets_writes(tmp_path):
     collect()
     cases.append((golden_table(), 1, 1000, True))
     cases.append((_mixed_table(2500, seed=2), 300, 1000, True))
-    # The known mismatches below: the reference must be right about them too.
-    cases.append((INT_WITH_NULLS, 1, 1000, False))
+    # Integer nulls, and the float mismatches below: the reference must be right about them too.
+    cases.append((INT_WITH_NULLS, 1, 1000, True))
     cases.append((pa.table({"f": pa.array(FLOATS_MATCHING + FLOATS_DIFFERING, pa.float64())}), 3, 1000, False))
 
     jobs = []
@@ -338,14 +338,12 @@ def test_golden_line():
 INT_WITH_NULLS = pa.table({"i": pa.array([3, None, 2**62], pa.int64())})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ferrotune writes a top-level integer column that has nulls as floats (3 -> 3.0, "
-    "2**62 -> 4.611686018427388e+18), as plain `to_pandas()` would; datasets 5.2 converts with "
-    "`to_pandas(integer_object_nulls=True)` and writes 3 and 4611686018427387904",
-)
-def test_int64_column_with_nulls_matches_datasets():
+def test_datasets_keeps_integers_with_nulls_integers():
+    """datasets converts with `to_pandas(integer_object_nulls=True)` (plain `to_pandas()` would give 3.0)."""
     assert datasets_style_jsonl(INT_WITH_NULLS) == b'{"i":3}\n{"i":null}\n{"i":4611686018427387904}\n'
+
+
+def test_int64_column_with_nulls_matches_datasets():
     _, got = ferrotune_jsonl(INT_WITH_NULLS)
     assert got == datasets_style_jsonl(INT_WITH_NULLS)
 

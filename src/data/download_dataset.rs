@@ -238,6 +238,105 @@ fn plan(shards: &[Shard], keep: u64) -> Vec<Piece> {
     pieces
 }
 
+/// Rows of one record batch, encoded (and kept as Arrow when Parquet is written).
+struct Chunk {
+    json: Vec<u8>,
+    batch: Option<RecordBatch>,
+    rows: usize,
+}
+
+/// How many encoded batches a worker may queue ahead of the writer.
+const QUEUE_PER_PIECE: usize = 2;
+
+/// Decodes and encodes `pieces` on `rayon::current_num_threads()` workers and hands the
+/// chunks to `sink` in stored order. Each piece has a small bounded queue, so memory stays
+/// at a few record batches per worker however large the row groups are, and writing
+/// overlaps decoding. Workers take pieces in order; the writer always drains the lowest
+/// unfinished piece, which some worker is producing, so the pipeline cannot deadlock.
+fn stream_pieces(
+    hub: &HubClient,
+    shards: &[Shard],
+    pieces: &[Piece],
+    want_json: bool,
+    want_batches: bool,
+    ctx: &Ctx,
+    sink: &mut dyn FnMut(Chunk) -> Result<()>,
+) -> Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+    use std::sync::Mutex;
+
+    if pieces.is_empty() {
+        return Ok(());
+    }
+    type Queue = (SyncSender<Result<Chunk>>, Receiver<Result<Chunk>>);
+    let (txs, rxs): (Vec<_>, Vec<_>) = pieces
+        .iter()
+        .map(|_| -> Queue { sync_channel(QUEUE_PER_PIECE) })
+        .unzip();
+    let txs: Vec<Mutex<Option<SyncSender<Result<Chunk>>>>> =
+        txs.into_iter().map(|t| Mutex::new(Some(t))).collect();
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let workers = rayon::current_num_threads().clamp(1, pieces.len());
+
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= pieces.len() || stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let tx = txs[i]
+                    .lock()
+                    .expect("not poisoned")
+                    .take()
+                    .expect("taken once");
+                let (si, rg, take) = pieces[i];
+                let res = shards[si].for_each_batch(hub, rg, take, ctx, &mut |b| {
+                    let mut json = Vec::new();
+                    if want_json {
+                        json.reserve(b.get_array_memory_size() * 9 / 8);
+                        jsonl::write_batch(&b, &mut json)?;
+                    }
+                    let rows = b.num_rows();
+                    let chunk = Chunk {
+                        json,
+                        batch: want_batches.then_some(b),
+                        rows,
+                    };
+                    // A closed queue means the writer gave up: stop quietly.
+                    tx.send(Ok(chunk)).map_err(|_| Error::Cancelled)
+                });
+                if let Err(e) = res {
+                    let _ = tx.send(Err(e));
+                    stop.store(true, Ordering::SeqCst);
+                    return;
+                }
+            });
+        }
+        let mut outcome = Ok(());
+        for rx in rxs {
+            // Ends when the piece's worker drops its sender (piece done).
+            for chunk in rx.iter() {
+                if let Err(e) = chunk.and_then(|c| {
+                    ctx.check()?;
+                    sink(c)
+                }) {
+                    outcome = Err(e);
+                    break;
+                }
+            }
+            if outcome.is_err() {
+                stop.store(true, Ordering::SeqCst);
+                break;
+            }
+        }
+        // Dropping the remaining receivers (end of the loop) unblocks any worker.
+        outcome
+    })
+}
+
 fn write_split(
     hub: &HubClient,
     repo: &Repo,
@@ -298,58 +397,47 @@ fn write_split(
     let want_batches = parquet_out.is_some();
     let want_json = jsonl_out.is_some();
 
-    // Decode + encode a window of row groups in parallel, then write them in order.
-    let window = rayon::current_num_threads().max(2) * 2;
-    for chunk in pieces.chunks(window) {
-        ctx.check()?;
-        let results: Vec<(Vec<RecordBatch>, Vec<u8>, usize)> = chunk
-            .par_iter()
-            .map(|&(si, rg, take)| {
-                let batches = shards[si].read_row_group(hub, rg, take, ctx)?;
-                let mut json = Vec::new();
-                if want_json {
-                    for b in &batches {
-                        jsonl::write_batch(b, &mut json)?;
-                    }
-                }
-                let rows = batches.iter().map(|b| b.num_rows()).sum();
-                Ok((if want_batches { batches } else { Vec::new() }, json, rows))
-            })
-            .collect::<Result<_>>()?;
-        for (batches, json, rows) in results {
-            if let Some((p, w)) = jsonl_out.as_mut() {
-                w.write_all(&json).at(&p.tmp)?;
-            }
-            if let Some((p, file, writer)) = parquet_out.as_mut() {
-                for b in &batches {
-                    if writer.is_none() {
-                        let props = WriterProperties::builder()
-                            .set_compression(Compression::SNAPPY)
-                            .build();
-                        let f = file.take().expect("file is set until the writer exists");
-                        *writer = Some(
-                            ArrowWriter::try_new(f, b.schema(), Some(props))
-                                .map_err(|e| Error::data_format(p.dest.display(), e))?,
-                        );
-                    }
-                    writer
-                        .as_mut()
-                        .expect("set above")
-                        .write(b)
-                        .map_err(|e| Error::data_format(p.dest.display(), e))?;
-                }
-            }
-            task.advance(rows as u64);
+    let mut sink = |chunk: Chunk| -> Result<()> {
+        if let Some((p, w)) = jsonl_out.as_mut() {
+            w.write_all(&chunk.json).at(&p.tmp)?;
         }
-    }
+        if let (Some((p, file, writer)), Some(b)) = (parquet_out.as_mut(), chunk.batch) {
+            if writer.is_none() {
+                let props = WriterProperties::builder()
+                    .set_compression(Compression::SNAPPY)
+                    .build();
+                let f = file.take().expect("file is set until the writer exists");
+                *writer = Some(
+                    ArrowWriter::try_new(f, b.schema(), Some(props))
+                        .map_err(|e| Error::data_format(p.dest.display(), e))?,
+                );
+            }
+            writer
+                .as_mut()
+                .expect("set above")
+                .write(&b)
+                .map_err(|e| Error::data_format(p.dest.display(), e))?;
+        }
+        task.advance(chunk.rows as u64);
+        Ok(())
+    };
+    stream_pieces(
+        hub,
+        &shards,
+        &pieces,
+        want_json,
+        want_batches,
+        ctx,
+        &mut sink,
+    )?;
 
     let mut paths = Vec::new();
     if let Some((p, mut w)) = jsonl_out {
+        // Flushed, not fsync'ed (as `datasets` does): the rename below is what keeps a
+        // partial file from ever carrying the final name; forcing the bytes to disk would
+        // wait on unrelated write-back and double the warm-cache run time.
         w.flush().at(&p.tmp)?;
-        w.into_inner()
-            .map_err(|e| Error::io(&p.tmp, e.into_error()))?
-            .sync_all()
-            .at(&p.tmp)?;
+        drop(w);
         ctx.check()?;
         paths.push(p.commit()?);
     }

@@ -26,23 +26,40 @@ fn push_u16_escape(out: &mut Vec<u8>, unit: u16) {
     out.push(HEX[unit as usize & 0xf]);
 }
 
+/// `true` for bytes that end a run of plain ASCII: quote, backslash, slash, C0 controls
+/// and every non-ASCII byte.
+const NEEDS_ESCAPE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = i < 0x20
+            || i >= 0x80
+            || i == b'"' as usize
+            || i == b'\\' as usize
+            || i == b'/' as usize;
+        i += 1;
+    }
+    t
+};
+
 /// Appends `s` as a JSON string literal (with quotes) in pandas' escaping.
 pub fn write_str(s: &str, out: &mut Vec<u8>) {
     out.reserve(s.len() + 2);
     out.push(b'"');
     let bytes = s.as_bytes();
-    let mut run_start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        // Fast path: printable ASCII that needs no escape is copied in runs.
-        if (0x20..0x80).contains(&b) && b != b'"' && b != b'\\' && b != b'/' {
-            continue;
+    let mut i = 0;
+    while i < bytes.len() {
+        // Copy the longest run of bytes that need no escape in one go.
+        let run = bytes[i..]
+            .iter()
+            .position(|&b| NEEDS_ESCAPE[b as usize])
+            .unwrap_or(bytes.len() - i);
+        out.extend_from_slice(&bytes[i..i + run]);
+        i += run;
+        if i == bytes.len() {
+            break;
         }
-        if b >= 0x80 && (b & 0xC0) == 0x80 {
-            // UTF-8 continuation byte: handled with its lead byte.
-            continue;
-        }
-        out.extend_from_slice(&bytes[run_start..i]);
-        run_start = i + 1;
+        let b = bytes[i];
         match b {
             b'"' => out.extend_from_slice(b"\\\""),
             b'\\' => out.extend_from_slice(b"\\\\"),
@@ -54,24 +71,21 @@ pub fn write_str(s: &str, out: &mut Vec<u8>) {
             0x0c => out.extend_from_slice(b"\\f"),
             0x00..=0x1f => push_u16_escape(out, b as u16),
             _ => {
-                // A multi-byte character starts here: decode it and escape as UTF-16.
-                let len = if b >= 0xF0 {
-                    4
-                } else if b >= 0xE0 {
-                    3
-                } else {
-                    2
-                };
-                let ch = s[i..i + len].chars().next().expect("valid UTF-8");
+                // A multi-byte character starts here: escape it as UTF-16 code units.
+                let ch = s[i..]
+                    .chars()
+                    .next()
+                    .expect("valid UTF-8 at a char boundary");
                 let mut units = [0u16; 2];
                 for u in ch.encode_utf16(&mut units) {
                     push_u16_escape(out, *u);
                 }
-                run_start = i + len;
+                i += ch.len_utf8();
+                continue;
             }
         }
+        i += 1;
     }
-    out.extend_from_slice(&bytes[run_start..]);
     out.push(b'"');
 }
 
@@ -100,12 +114,7 @@ fn write_float(v: f64, out: &mut Vec<u8>) {
 }
 
 /// Appends the JSON of `array[row]`.
-fn write_value(
-    array: &dyn Array,
-    row: usize,
-    out: &mut Vec<u8>,
-    ints_as_float: bool,
-) -> Result<()> {
+fn write_value(array: &dyn Array, row: usize, out: &mut Vec<u8>) -> Result<()> {
     if array.is_null(row) {
         out.extend_from_slice(b"null");
         return Ok(());
@@ -113,11 +122,7 @@ fn write_value(
     macro_rules! int {
         ($t:ty) => {{
             let v = array.as_primitive::<$t>().value(row);
-            if ints_as_float {
-                write_float(v as f64, out);
-            } else {
-                out.extend_from_slice(v.to_string().as_bytes());
-            }
+            out.extend_from_slice(v.to_string().as_bytes());
         }};
     }
     match array.data_type() {
@@ -153,7 +158,7 @@ fn write_value(
                 }
                 write_str(f.name(), out);
                 out.push(b':');
-                write_value(st.column(i).as_ref(), row, out, false)?;
+                write_value(st.column(i).as_ref(), row, out)?;
             }
             out.push(b'}');
         }
@@ -172,7 +177,7 @@ fn write_list(values: &dyn Array, out: &mut Vec<u8>) -> Result<()> {
         if i > 0 {
             out.push(b',');
         }
-        write_value(values, i, out, false)?;
+        write_value(values, i, out)?;
     }
     out.push(b']');
     Ok(())
@@ -188,12 +193,8 @@ pub fn write_batch(batch: &RecordBatch, out: &mut Vec<u8>) -> Result<()> {
         k.push(b':');
         keys.push(k);
     }
-    // pandas turns an integer column with nulls into float64 (3 → 3.0).
-    let ints_as_float: Vec<bool> = batch
-        .columns()
-        .iter()
-        .map(|c| c.data_type().is_integer() && c.null_count() > 0)
-        .collect();
+    // datasets converts with `to_pandas(integer_object_nulls=True)`: integer columns with
+    // nulls stay integers (3, null), unlike plain pandas (3.0, null).
     for row in 0..batch.num_rows() {
         out.push(b'{');
         for (i, col) in batch.columns().iter().enumerate() {
@@ -201,7 +202,7 @@ pub fn write_batch(batch: &RecordBatch, out: &mut Vec<u8>) -> Result<()> {
                 out.push(b',');
             }
             out.extend_from_slice(&keys[i]);
-            write_value(col.as_ref(), row, out, ints_as_float[i])?;
+            write_value(col.as_ref(), row, out)?;
         }
         out.extend_from_slice(b"}\n");
     }

@@ -131,10 +131,10 @@ fn _parquet_to_jsonl(py: Python<'_>, src: PathBuf, dst: PathBuf) -> PyResult<u64
         let mut out = Vec::new();
         let mut rows = 0u64;
         for rg in 0..shard.metadata.num_row_groups() {
-            for b in shard.read_row_group(&hub, rg, usize::MAX, ctx)? {
+            shard.for_each_batch(&hub, rg, usize::MAX, ctx, &mut |b| {
                 rows += b.num_rows() as u64;
-                data::jsonl::write_batch(&b, &mut out)?;
-            }
+                data::jsonl::write_batch(&b, &mut out)
+            })?;
         }
         std::fs::write(&dst, out).map_err(|e| crate::error::Error::io(&dst, e))?;
         Ok(rows)

@@ -334,40 +334,31 @@ impl HubClient {
             }
             task.advance(have);
         }
-        let mut failures = 0u32;
-        while have < meta.size {
-            ctx.check()?;
-            let range = (have > 0).then_some((have, None));
-            let step = self.stream_once(
-                meta,
-                range,
-                &mut |bytes: &[u8]| {
+        let mut restarts = 0;
+        loop {
+            let resumed =
+                self.fetch_resuming(meta, have, meta.size, ctx, &mut |bytes: &[u8]| {
                     file.write_all(bytes).at(tmp)?;
                     hasher.update(bytes);
                     task.advance(bytes.len() as u64);
                     Ok(())
-                },
-                ctx,
-            );
-            match step {
-                Ok(StreamStart::Resumed) | Ok(StreamStart::Fresh) => {}
-                Ok(StreamStart::RangeIgnored) => {
-                    // Got a 200 for a Range request: start over from zero.
-                    file.set_len(0).at(tmp)?;
-                    hasher = Hasher::new(meta);
-                    have = 0;
-                    continue;
-                }
-                Err(e) => {
-                    failures += 1;
-                    if failures > self.settings().max_retries || !is_retryable(&e) {
-                        return Err(e);
-                    }
-                    self.http.backoff(failures - 1, None, ctx.cancel())?;
-                }
-            }
+                })?;
             file.flush().at(tmp)?;
             have = file.metadata().at(tmp)?.len();
+            if resumed {
+                break;
+            }
+            // The server answered a Range request with the whole file: start over.
+            restarts += 1;
+            if restarts > self.settings().max_retries {
+                return Err(Error::Http(format!(
+                    "{}: the connection keeps dropping and the server ignores Range requests",
+                    meta.path
+                )));
+            }
+            file.set_len(0).at(tmp)?;
+            hasher = Hasher::new(meta);
+            have = 0;
         }
         if have != meta.size {
             return Err(Error::Integrity(format!(
@@ -527,19 +518,62 @@ impl HubClient {
             have = 0;
         }
         task.advance(have);
+        self.fetch_resuming(meta, start + have, end, ctx, &mut |b: &[u8]| {
+            file.write_all(b).at(part)?;
+            task.advance(b.len() as u64);
+            Ok(())
+        })
+    }
+
+    /// Reads bytes `[start, end)` of a remote file (for footer and row-group reads).
+    pub fn read_range(
+        &self,
+        meta: &FileMeta,
+        start: u64,
+        end: u64,
+        ctx: &Ctx,
+    ) -> Result<RangeRead> {
+        let mut out = Vec::with_capacity((end - start) as usize);
+        let ranged = self.fetch_resuming(meta, start, end, ctx, &mut |b: &[u8]| {
+            out.extend_from_slice(b);
+            Ok(())
+        })?;
+        Ok(if ranged {
+            RangeRead::Bytes(out)
+        } else {
+            RangeRead::Unsupported
+        })
+    }
+
+    /// Streams bytes `[start, end)` of the file into `sink`, reconnecting after dropped
+    /// connections and transient errors (with back-off) and resuming where the sink got to.
+    /// `Ok(false)` when the server answered a Range request with the whole file.
+    fn fetch_resuming(
+        &self,
+        meta: &FileMeta,
+        start: u64,
+        end: u64,
+        ctx: &Ctx,
+        sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<bool> {
+        let mut done = 0u64;
         let mut failures = 0;
-        while start + have < end {
+        while start + done < end {
             ctx.check()?;
+            let from = start + done;
+            let range = match (from, end == meta.size) {
+                (0, true) => None,
+                (_, true) => Some((from, None)),
+                (_, false) => Some((from, Some(end - 1))),
+            };
             let res = self.stream_once(
                 meta,
-                Some((start + have, Some(end - 1))),
+                range,
                 &mut |b: &[u8]| {
-                    let room = (end - start - have) as usize;
+                    let room = (end - start - done) as usize;
                     let b = &b[..b.len().min(room)];
-                    file.write_all(b).at(part)?;
-                    have += b.len() as u64;
-                    task.advance(b.len() as u64);
-                    Ok(())
+                    done += b.len() as u64;
+                    sink(b)
                 },
                 ctx,
             );
@@ -556,44 +590,6 @@ impl HubClient {
             }
         }
         Ok(true)
-    }
-
-    /// Reads bytes `[start, end)` of a remote file (for footer and row-group reads).
-    pub fn read_range(
-        &self,
-        meta: &FileMeta,
-        start: u64,
-        end: u64,
-        ctx: &Ctx,
-    ) -> Result<RangeRead> {
-        let want = (end - start) as usize;
-        let mut out = Vec::with_capacity(want);
-        let mut failures = 0;
-        while out.len() < want {
-            let from = start + out.len() as u64;
-            let res = self.stream_once(
-                meta,
-                Some((from, Some(end - 1))),
-                &mut |b: &[u8]| {
-                    let room = want - out.len();
-                    out.extend_from_slice(&b[..b.len().min(room)]);
-                    Ok(())
-                },
-                ctx,
-            );
-            match res {
-                Ok(StreamStart::RangeIgnored) => return Ok(RangeRead::Unsupported),
-                Ok(_) => {}
-                Err(e) => {
-                    failures += 1;
-                    if failures > self.settings().max_retries || !is_retryable(&e) {
-                        return Err(e);
-                    }
-                    self.http.backoff(failures - 1, None, ctx.cancel())?;
-                }
-            }
-        }
-        Ok(RangeRead::Bytes(out))
     }
 }
 

@@ -43,21 +43,15 @@ def hub(ultrachat_dir):
 
 @pytest.fixture
 def hf_env(hub, tmp_path, monkeypatch):
-    """Points ferrotune (and any subprocess) at the fake Hub with an empty private cache."""
-    home = tmp_path / "hf-home"
-    env = {
-        "HF_ENDPOINT": hub.endpoint,
-        "HF_HOME": str(home),
-        "HF_HUB_CACHE": str(home / "hub"),
-        "HF_DATASETS_CACHE": str(tmp_path / "datasets-cache"),
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_HUB_DISABLE_XET": "1",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-        "FERROTUNE_HUB_BACKOFF": "0.01",
-    }
-    for k in ("HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN_PATH"):
-        monkeypatch.delenv(k, raising=False)
+    """Points ferrotune (in this process, through os.environ) and any subprocess at the fake
+    Hub, with an empty private cache; returns the environment for subprocesses."""
+    env = fakehub.client_env(hub, tmp_path / "hf-home")
+    env["FERROTUNE_HUB_BACKOFF"] = "0.01"  # retries in tests need not wait
+    for k in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"):
+        env.pop(k, None)
+    for k in list(os.environ):
+        if k not in env:
+            monkeypatch.delenv(k)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return env

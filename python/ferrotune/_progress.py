@@ -95,6 +95,8 @@ def make_renderer(progress: Any) -> Optional[ProgressCallback]:
         return None
     if callable(progress):
         return progress
+    if progress not in (True, "bar", "lines"):
+        raise ValueError(f"progress must be True, False, 'bar', 'lines' or a callable, not {progress!r}")
     if progress == "lines":
         return LineRenderer()
     if progress == "bar" or _in_notebook() or sys.stderr.isatty():
@@ -102,6 +104,4 @@ def make_renderer(progress: Any) -> Optional[ProgressCallback]:
             return TqdmRenderer()
         except ImportError:
             return LineRenderer()
-    if progress is True:
-        return LineRenderer()
-    raise ValueError(f"progress must be True, False, 'bar', 'lines' or a callable, not {progress!r}")
+    return LineRenderer()

@@ -2,7 +2,8 @@
 
 from typing import Callable, Optional
 
-ProgressCallback = Callable[[str, int, str, Optional[int], int], None]
+# progress(kind, task_id, name, total, n, unit); see ferrotune._progress
+ProgressCallback = Callable[[str, int, str, Optional[int], int, str], None]
 
 __version__: str
 

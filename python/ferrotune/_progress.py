@@ -2,8 +2,9 @@
 text bars in a terminal), plain log lines when stderr is not a terminal (Azure ML job
 logs), or nothing.
 
-The native module calls a renderer as ``renderer(kind, task_id, name, total, n)`` with
-``kind`` one of ``start``, ``advance``, ``finish``, ``message``.
+The native module calls a renderer as ``renderer(kind, task_id, name, total, n, unit)``:
+``kind`` is ``start`` (a task ``name`` with ``total`` ``unit``s — ``"B"`` or ``"rows"`` —
+if known), ``advance`` (``n`` more done), ``finish`` or ``message`` (the text in ``name``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
-ProgressCallback = Callable[[str, int, str, Optional[int], int], None]
+ProgressCallback = Callable[[str, int, str, Optional[int], int, str], None]
 
 
 def _in_notebook() -> bool:
@@ -34,14 +35,11 @@ class TqdmRenderer:
         self._tqdm = tqdm
         self._bars: dict[int, Any] = {}
 
-    def __call__(self, kind: str, task_id: int, name: str, total: Optional[int], n: int) -> None:
+    def __call__(self, kind: str, task_id: int, name: str, total: Optional[int], n: int, unit: str = "") -> None:
         if kind == "start":
-            unit = "rows"
-            scale = False
-            if total is not None and not name.isidentifier():
-                unit, scale = "B", True
+            scale = unit == "B"
             self._bars[task_id] = self._tqdm(
-                total=total, desc=name, unit=unit, unit_scale=scale, unit_divisor=1024 if scale else 1000, leave=True
+                total=total, desc=name, unit=unit or "it", unit_scale=scale, unit_divisor=1024 if scale else 1000, leave=True
             )
         elif kind == "advance":
             bar = self._bars.get(task_id)
@@ -66,10 +64,15 @@ class LineRenderer:
     def _say(self, text: str) -> None:
         print(f"[ferrotune] {text}", file=self._stream, flush=True)
 
-    def __call__(self, kind: str, task_id: int, name: str, total: Optional[int], n: int) -> None:
+    @staticmethod
+    def _amount(n: int, unit: str) -> str:
+        return f"{n / 1e6:,.1f} MB" if unit == "B" else f"{n:,} {unit}".rstrip()
+
+    def __call__(self, kind: str, task_id: int, name: str, total: Optional[int], n: int, unit: str = "") -> None:
         if kind == "start":
-            self._tasks[task_id] = [name, total, 0, time.monotonic()]
-            self._say(f"{name}: started" + (f" ({total:,} to do)" if total is not None else ""))
+            self._tasks[task_id] = [name, total, 0, time.monotonic(), unit]
+            todo = f" ({self._amount(total, unit)} to do)" if total is not None else ""
+            self._say(f"{name}: started{todo}")
         elif kind == "advance":
             t = self._tasks.get(task_id)
             if t is None:
@@ -79,11 +82,11 @@ class LineRenderer:
             if now - t[3] >= self._every:
                 t[3] = now
                 pct = f" ({100 * t[2] / t[1]:.0f}%)" if t[1] else ""
-                self._say(f"{t[0]}: {t[2]:,}{pct}")
+                self._say(f"{t[0]}: {self._amount(t[2], t[4])}{pct}")
         elif kind == "finish":
             t = self._tasks.pop(task_id, None)
             if t is not None:
-                self._say(f"{t[0]}: done ({t[2]:,})")
+                self._say(f"{t[0]}: done ({self._amount(t[2], t[4])})")
         elif kind == "message":
             self._say(name)
 

@@ -49,14 +49,14 @@ impl Progress for Channel {
     }
 }
 
-/// Calls `progress(kind, id, name, total, n)` for each event; advances of one task are
+/// Calls `progress(kind, id, name, total, n, unit)` for each event; advances of one task are
 /// merged so Python sees at most one call per task per slice.
 fn deliver(py: Python<'_>, cb: &Option<PyObject>, events: Vec<Event>) -> PyResult<()> {
     let Some(cb) = cb else { return Ok(()) };
     let mut pending: Vec<(u64, u64)> = Vec::new();
     let flush = |pending: &mut Vec<(u64, u64)>| -> PyResult<()> {
         for (id, n) in pending.drain(..) {
-            cb.call1(py, ("advance", id, "", None::<u64>, n))?;
+            cb.call1(py, ("advance", id, "", None::<u64>, n, ""))?;
         }
         Ok(())
     };
@@ -68,16 +68,15 @@ fn deliver(py: Python<'_>, cb: &Option<PyObject>, events: Vec<Event>) -> PyResul
             },
             Event::Start(id, name, total, unit) => {
                 flush(&mut pending)?;
-                cb.call1(py, ("start", id, name, total, 0u64))?;
-                let _ = unit; // units are implied by the task (bytes or rows); renderer decides
+                cb.call1(py, ("start", id, name, total, 0u64, unit))?;
             }
             Event::Finish(id) => {
                 flush(&mut pending)?;
-                cb.call1(py, ("finish", id, "", None::<u64>, 0u64))?;
+                cb.call1(py, ("finish", id, "", None::<u64>, 0u64, ""))?;
             }
             Event::Message(text) => {
                 flush(&mut pending)?;
-                cb.call1(py, ("message", 0u64, text, None::<u64>, 0u64))?;
+                cb.call1(py, ("message", 0u64, text, None::<u64>, 0u64, ""))?;
             }
         }
     }

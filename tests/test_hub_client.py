@@ -282,3 +282,18 @@ def test_stalled_server_times_out_and_retries(model_hub, hf_env, monkeypatch):
     p = ferrotune.hub_download(MODEL, "model.safetensors")
     assert Path(p).read_bytes() == model_hub.model_files["model.safetensors"]
     assert time.monotonic() - t0 < 3, "the stalled request should time out after ~1 s and be retried"
+
+
+def test_same_origin_redirect_is_followed_with_the_token(model_hub, hf_env, monkeypatch):
+    """A redirect within the Hub (e.g. a renamed repo) is followed, token and all; only a
+    redirect to another origin (the CDN) stops the metadata walk."""
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    target = "/" + model_hub.resolve_url(MODEL, "model.safetensors", revision=model_hub.model_commit, repo_type="model").split("/", 3)[3]
+    model_hub.add_fault("status", method="HEAD", path_contains="/resolve/main/model.safetensors", status=307, headers={"Location": target}, times=1)
+    p = ferrotune.hub_download(MODEL, "model.safetensors")
+    assert Path(p).read_bytes() == model_hub.model_files["model.safetensors"]
+    heads = model_hub.find_requests(port="hub", method="HEAD")
+    assert [r["status"] for r in heads] == [307, 302]
+    assert heads[1]["path"].startswith(target.split("?")[0])
+    assert all(r["headers"].get("authorization") == "Bearer hf_secret" for r in heads)
+    assert model_hub.cdn_auth_headers == []

@@ -261,19 +261,15 @@ impl HubClient {
             let parallel = meta.size >= self.settings().parallel_threshold
                 && self.settings().parallel_connections > 1
                 && fs::metadata(&tmp).map(|m| m.len()).unwrap_or(0) == 0;
-            let res = if parallel {
-                self.download_parallel(meta, &tmp, &task, ctx)
+            let parallel_digest = if parallel {
+                self.download_parallel(meta, &tmp, &task, ctx)?
             } else {
-                self.download_sequential(meta, &tmp, &task, ctx)
+                None
             };
-            let digest = match res {
-                Ok(Some(d)) => d,
-                // The server ignored Range: fall back to one stream.
-                Ok(None) => match self.download_sequential(meta, &tmp, &task, ctx)? {
-                    Some(d) => d,
-                    None => unreachable!("sequential download always yields a digest"),
-                },
-                Err(e) => return Err(e),
+            // Not parallel, or the server ignored Range: one stream.
+            let digest = match parallel_digest {
+                Some(d) => d,
+                None => self.download_sequential(meta, &tmp, &task, ctx)?,
             };
             if digest == meta.etag {
                 fs::rename(&tmp, blob).at(blob)?;
@@ -297,14 +293,14 @@ impl HubClient {
     }
 
     /// Streams the file into `tmp`, resuming from its current length with `Range`.
-    /// Returns the content digest (always `Some`).
+    /// Returns the content digest.
     fn download_sequential(
         &self,
         meta: &FileMeta,
         tmp: &Path,
         task: &Task,
         ctx: &Ctx,
-    ) -> Result<Option<String>> {
+    ) -> Result<String> {
         let mut file = OpenOptions::new()
             .create(true)
             .read(true)
@@ -367,22 +363,23 @@ impl HubClient {
             )));
         }
         file.sync_all().at(tmp)?;
-        Ok(Some(hasher.hex()))
+        Ok(hasher.hex())
     }
 
     /// One GET of `meta.url` (optionally from `range`), feeding body chunks to `sink`.
+    /// `Ok(false)`, without reading the body, when a Range request was answered with 200.
     fn stream_once(
         &self,
         meta: &FileMeta,
         range: Option<(u64, Option<u64>)>,
         sink: &mut dyn FnMut(&[u8]) -> Result<()>,
         ctx: &Ctx,
-    ) -> Result<StreamStart> {
+    ) -> Result<bool> {
         let mut resp = self
             .http
             .send("GET", &meta.url, meta.auth, range, ctx.cancel())?;
         let status = resp.status().as_u16();
-        let start = match (status, range) {
+        match (status, range) {
             (206, Some((from, _))) => {
                 let cr = header(&resp, "content-range").unwrap_or("");
                 let ok = cr
@@ -397,10 +394,9 @@ impl HubClient {
                         meta.path
                     )));
                 }
-                StreamStart::Resumed
             }
-            (200, Some(_)) => return Ok(StreamStart::RangeIgnored),
-            (200, None) => StreamStart::Fresh,
+            (200, Some(_)) => return Ok(false),
+            (200, None) => {}
             _ => {
                 return Err(hub_error(
                     &resp,
@@ -408,7 +404,7 @@ impl HubClient {
                     &self.target(&meta.repo, &meta.commit, Some(&meta.path)),
                 ))
             }
-        };
+        }
         let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
         let mut buf = vec![0u8; CHUNK];
         loop {
@@ -417,7 +413,7 @@ impl HubClient {
                 Error::Http(format!("{}: connection lost mid-file: {e}", meta.path))
             })?;
             if n == 0 {
-                return Ok(start);
+                return Ok(true);
             }
             sink(&buf[..n])?;
         }
@@ -578,8 +574,8 @@ impl HubClient {
                 ctx,
             );
             match res {
-                Ok(StreamStart::RangeIgnored) => return Ok(false),
-                Ok(_) => {}
+                Ok(false) => return Ok(false),
+                Ok(true) => {}
                 Err(e) => {
                     failures += 1;
                     if failures > self.settings().max_retries || !is_retryable(&e) {
@@ -591,12 +587,6 @@ impl HubClient {
         }
         Ok(true)
     }
-}
-
-enum StreamStart {
-    Fresh,
-    Resumed,
-    RangeIgnored,
 }
 
 fn is_retryable(e: &Error) -> bool {

@@ -82,6 +82,20 @@ pub enum Error {
     #[error("{path}: {message}")]
     DataFormat { path: String, message: String },
 
+    /// A chat template that does not compile, or that fails on data it should handle.
+    #[error("{0}")]
+    Template(String),
+
+    /// A conversation that cannot be trained on, with `strict=True` (otherwise such rows
+    /// are dropped and counted).
+    #[error("{path}: {position}: {detail} ({reason}; with strict=False such rows are dropped and counted)")]
+    Conversation {
+        path: String,
+        position: String,
+        reason: &'static str,
+        detail: String,
+    },
+
     /// The operation was interrupted (Ctrl-C); nothing was left under a final name.
     #[error("interrupted")]
     Cancelled,

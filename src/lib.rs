@@ -1,4 +1,5 @@
 //! ferrotune core.
+pub mod chat;
 pub mod data;
 pub mod error;
 pub mod hub;

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import _core
 from ._download import SplitDownload, download_dataset, hub_download, split_names
+from ._tokenize import ChatTokenizer, TokenizedDataset, TokenizeStats, load_tokenized, tokenize_dataset
 from .exceptions import *  # noqa: F401,F403
 from .exceptions import __all__ as _exc_all
 
@@ -19,5 +20,10 @@ __all__ = [
     "split_names",
     "hub_download",
     "SplitDownload",
+    "ChatTokenizer",
+    "tokenize_dataset",
+    "TokenizeStats",
+    "load_tokenized",
+    "TokenizedDataset",
     *_exc_all,
 ]

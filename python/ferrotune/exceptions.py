@@ -22,6 +22,8 @@ __all__ = [
     "ProtocolError",
     "DatasetError",
     "DataFormatError",
+    "ConversationError",
+    "ChatTemplateError",
     "FerrotuneIOError",
     "FerrotuneFileNotFoundError",
     "FerrotunePermissionError",
@@ -82,6 +84,15 @@ class DatasetError(FerrotuneError):
 
 class DataFormatError(DatasetError):
     """A data file is not in the expected format."""
+
+
+class ConversationError(DatasetError, ValueError):
+    """A conversation cannot be trained on (no assistant turn, unknown role, ...) and
+    ``strict=True`` was asked; the message names the file and the row."""
+
+
+class ChatTemplateError(FerrotuneError, ValueError):
+    """The tokenizer's chat template does not compile, or fails on the conversations."""
 
 
 class FerrotuneIOError(FerrotuneError, OSError):

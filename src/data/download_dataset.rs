@@ -9,7 +9,7 @@
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use arrow_array::RecordBatch;
 use parquet::arrow::ArrowWriter;
@@ -19,6 +19,7 @@ use rayon::prelude::*;
 
 use super::jsonl;
 use super::parquet_source::Shard;
+use super::pending_file::PendingFile;
 use super::select::SplitPc;
 use super::splits::{config_patterns, front_matter, infer_splits, resolve_patterns, SplitFiles};
 use crate::error::{Error, IoContext, Result};
@@ -97,40 +98,6 @@ pub fn dataset_splits(
     match config_patterns(card.as_ref(), subset)? {
         Some(p) => resolve_patterns(&p, &files),
         None => infer_splits(&files),
-    }
-}
-
-/// A file written under a temporary name, renamed into place by `commit`, deleted if
-/// dropped before that (error or Ctrl-C): a final name only ever holds a complete file.
-struct PendingFile {
-    tmp: PathBuf,
-    dest: PathBuf,
-    done: bool,
-}
-
-impl PendingFile {
-    fn new(dest: PathBuf) -> Self {
-        let dir = dest.parent().unwrap_or(Path::new("."));
-        let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("out");
-        let tmp = dir.join(format!(".{name}.{}.tmp", crate::hub::cache::random_hex8()));
-        Self {
-            tmp,
-            dest,
-            done: false,
-        }
-    }
-    fn commit(mut self) -> Result<PathBuf> {
-        fs::rename(&self.tmp, &self.dest).at(&self.dest)?;
-        self.done = true;
-        Ok(self.dest.clone())
-    }
-}
-
-impl Drop for PendingFile {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = fs::remove_file(&self.tmp);
-        }
     }
 }
 

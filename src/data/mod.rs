@@ -4,6 +4,7 @@
 pub mod download_dataset;
 pub mod jsonl;
 pub mod parquet_source;
+pub mod pending_file;
 pub mod select;
 pub mod splits;
 

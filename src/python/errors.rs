@@ -21,6 +21,8 @@ fn class_name(e: &Error) -> &'static str {
         Error::Protocol(_) => "ProtocolError",
         Error::Dataset(_) => "DatasetError",
         Error::DataFormat { .. } => "DataFormatError",
+        Error::Template(_) => "ChatTemplateError",
+        Error::Conversation { .. } => "ConversationError",
         Error::Cancelled => "KeyboardInterrupt",
         Error::Io { source, .. } => match source.kind() {
             std::io::ErrorKind::NotFound => "FerrotuneFileNotFoundError",

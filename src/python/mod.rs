@@ -1,6 +1,7 @@
 //! The Python bindings: the only module that uses pyo3. Every long call goes through
 //! [`run::run_blocking`] (GIL released, errors mapped, Ctrl-C honoured, progress forwarded).
 
+mod chat;
 mod errors;
 mod run;
 
@@ -158,6 +159,9 @@ fn ferrotune_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(hub_download, m)?)?;
     m.add_function(wrap_pyfunction!(rows_for_split_pc, m)?)?;
     m.add_function(wrap_pyfunction!(_json_string, m)?)?;
+    m.add_class::<chat::PyChatTokenizer>()?;
+    m.add_function(wrap_pyfunction!(chat::tokenize_dataset, m)?)?;
+    m.add_function(wrap_pyfunction!(chat::load_tokenized, m)?)?;
     m.add_function(wrap_pyfunction!(_parquet_to_jsonl, m)?)?;
     Ok(())
 }

@@ -336,7 +336,7 @@ def worker_ceiling(args) -> None:
         encs = backend.encode_batch(part, add_special_tokens=False)
         encode_s += time.perf_counter() - t0
         for e in encs:
-            n = len(e.ids)
+            n = len(e)  # tokens (len(e.ids) would build a list)
             total += n
             total_trunc += min(n, MAX_SEQ_LENGTH)
         del encs

@@ -22,7 +22,7 @@ from ferrotune import _core
 
 ROOT = Path(__file__).resolve().parent.parent
 STUB = ROOT / "python" / "ferrotune" / "_core.pyi"
-BINDINGS = ROOT / "src" / "python" / "mod.rs"
+BINDINGS = sorted((ROOT / "src" / "python").glob("*.rs"))
 ERRORS_RS = ROOT / "src" / "python" / "errors.rs"
 CARGO_TOML = ROOT / "Cargo.toml"
 
@@ -34,8 +34,31 @@ _NO_DEFAULT = inspect.Parameter.empty
 
 
 def _stub_functions() -> dict[str, ast.FunctionDef]:
+    """Module functions by name, and class methods as ``Class.method`` (not properties)."""
     tree = ast.parse(STUB.read_text(encoding="utf-8"), filename=str(STUB))
-    return {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    out = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        for fn in cls.body:
+            props = [d for d in getattr(fn, "decorator_list", []) if isinstance(d, ast.Name) and d.id == "property"]
+            if isinstance(fn, ast.FunctionDef) and not props:
+                out[f"{cls.name}.{fn.name}"] = fn
+    return out
+
+
+def _parameters(fn) -> list[inspect.Parameter]:
+    return [p for p in inspect.signature(fn).parameters.values() if p.name != "self"]
+
+
+def _stub_classes() -> set[str]:
+    tree = ast.parse(STUB.read_text(encoding="utf-8"), filename=str(STUB))
+    return {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
+
+
+def _compiled(name: str):
+    obj = _core
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _stub_parameters(fn: ast.FunctionDef) -> list[tuple[str, inspect._ParameterKind, object]]:
@@ -105,17 +128,22 @@ def _rust_default(expr: str) -> object:
 
 
 def _rust_signatures() -> dict[str, dict[str, object]]:
-    """``#[pyo3(signature = (...))]`` of each ``#[pyfunction]`` in src/python/mod.rs:
-    {function: {parameter: default expression or None}}."""
-    src = BINDINGS.read_text(encoding="utf-8")
+    """``#[pyo3(signature = (...))]`` of each function and method in src/python/*.rs:
+    {function or Class.method: {parameter: default expression or None}}."""
+    src = "\n".join(p.read_text(encoding="utf-8") for p in BINDINGS)
     out = {}
-    pattern = re.compile(r"#\[pyo3\(signature\s*=\s*\((?P<sig>.*?)\)\)\]\s*(?:#\[[^\]]*\]\s*)*fn\s+(?P<name>\w+)", re.S)
+    pattern = re.compile(r"#\[pyo3\(signature\s*=\s*\((?P<sig>.*?)\)\)\]\s*(?:#\[[^\]]*\]\s*)*(?:pub(?:\([^)]*\))?\s+)?fn\s+(?P<name>\w+)", re.S)
     for m in pattern.finditer(src):
         params = {}
         for p in _split_top_level(m.group("sig")):
             name, eq, default = p.partition("=")
             params[name.strip()] = default.strip() if eq else None
-        out[m.group("name")] = params
+        name = m.group("name")
+        if not hasattr(_core, name):
+            owners = [c for c in _stub_classes() if hasattr(getattr(_core, c), name)]
+            assert len(owners) == 1, f"cannot tell which class defines {name}"
+            name = f"{owners[0]}.{name}"
+        out[name] = params
     return out
 
 
@@ -132,24 +160,28 @@ def test_stub_parses_and_declares_functions():
 
 @pytest.mark.parametrize("name", sorted(STUB_FUNCTIONS))
 def test_stub_signature_matches_compiled(name):
-    assert hasattr(_core, name), f"_core.pyi declares {name}() but ferrotune._core has no such function"
-    fn = getattr(_core, name)
+    try:
+        _compiled(name)
+    except AttributeError:
+        pytest.fail(f"_core.pyi declares {name}() but ferrotune._core has no such function")
+    fn = _compiled(name)
     assert callable(fn)
-    compiled = inspect.signature(fn)
-    stub = _stub_parameters(STUB_FUNCTIONS[name])
+    compiled = _parameters(fn)
+    # A method's `self` is positional-only in the module and not in the Rust attribute.
+    stub = [s for s in _stub_parameters(STUB_FUNCTIONS[name]) if s[0] != "self"]
 
-    assert [p.name for p in compiled.parameters.values()] == [s[0] for s in stub], "parameter names/order"
-    assert [p.kind for p in compiled.parameters.values()] == [s[1] for s in stub], "parameter kinds"
+    assert [p.name for p in compiled] == [s[0] for s in stub], "parameter names/order"
+    assert [p.kind for p in compiled] == [s[1] for s in stub], "parameter kinds"
 
     rust = _rust_signatures().get(name)
-    for (pname, _, stub_default), param in zip(stub, compiled.parameters.values()):
+    for (pname, _, stub_default), param in zip(stub, compiled):
         if param.default is _NO_DEFAULT:
             assert stub_default is _NO_DEFAULT, f"{name}({pname}) has no default in the module"
         elif param.default is Ellipsis:
             # pyo3 renders defaults that are Rust expressions (`"main".to_string()`) as `...` in
             # __text_signature__: read the value from the #[pyo3(signature = ...)] attribute.
             assert rust is not None and rust.get(pname) is not None, (
-                f"{name}({pname}): default hidden by pyo3 and not found in {BINDINGS.name}"
+                f"{name}({pname}): default hidden by pyo3 and not found in src/python/*.rs"
             )
             value = _rust_default(rust[pname])
             assert stub_default == value and type(stub_default) is type(value), (
@@ -166,9 +198,9 @@ def test_rust_signature_attributes_match_compiled():
     sigs = _rust_signatures()
     assert sigs, f"no #[pyo3(signature = ...)] found in {BINDINGS}"
     for name, params in sigs.items():
-        compiled = inspect.signature(getattr(_core, name))
-        assert list(params) == list(compiled.parameters), name
-        for pname, param in compiled.parameters.items():
+        compiled = {p.name: p for p in _parameters(_compiled(name))}
+        assert list(params) == list(compiled), name
+        for pname, param in compiled.items():
             assert (params[pname] is None) == (param.default is _NO_DEFAULT), (name, pname)
             if param.default not in (_NO_DEFAULT, Ellipsis):
                 assert _rust_default(params[pname]) == param.default, (name, pname)
@@ -177,7 +209,7 @@ def test_rust_signature_attributes_match_compiled():
 def test_every_public_function_is_in_the_stub():
     public = {n for n in dir(_core) if not n.startswith("__") and callable(getattr(_core, n))}
     assert public, "ferrotune._core exports no functions?"
-    missing = public - set(STUB_FUNCTIONS)
+    missing = public - set(STUB_FUNCTIONS) - _stub_classes()
     assert not missing, f"in ferrotune._core but not in _core.pyi: {sorted(missing)}"
     # pyo3's __all__ lists the same names.
     assert set(_core.__all__) - {"__version__"} == public

@@ -111,6 +111,13 @@ class Case:
     rendered: list = field(default_factory=list)
     rendered_gen: list = field(default_factory=list)
     ids: list = field(default_factory=list)
+    _memo: dict = field(default_factory=dict)
+
+    def memo(self, key, fn):
+        """A reference value computed once per folder."""
+        if key not in self._memo:
+            self._memo[key] = fn()
+        return self._memo[key]
 
 
 @pytest.fixture(scope="module", params=PARITY_FOLDERS)
@@ -175,6 +182,14 @@ def test_chat_ids_are_the_rendered_text_tokenized(case):
 
 
 def _texts(case) -> list[str]:
+    return case.memo("texts", lambda: _collect_texts(case))
+
+
+def _hf_encode(case, add_special_tokens: bool) -> list[list[int]]:
+    return case.memo(("encode", add_special_tokens), lambda: [case.hf.encode(t, add_special_tokens=add_special_tokens) for t in _texts(case)])
+
+
+def _collect_texts(case) -> list[str]:
     seen: dict[str, None] = {}
     for t in EXTRA_TEXTS:
         seen.setdefault(t, None)
@@ -193,7 +208,7 @@ def test_encode_matches_transformers(case):
         ids = case.tok.encode(t)
         assert isinstance(ids, np.ndarray) and ids.dtype == np.int32
         got.append(ids.tolist())
-    exp = [case.hf.encode(t, add_special_tokens=False) for t in texts]
+    exp = _hf_encode(case, False)
     bad = _first_mismatches(zip(got, exp))
     assert not bad, [(texts[i], g, e) for i, g, e in bad]
     # keyword spelling is the same thing
@@ -205,7 +220,7 @@ def test_encode_with_special_tokens_matches_transformers(case):
     # even with "add_bos_token": false in tokenizer_config.json.
     texts = _texts(case)
     got = [case.tok.encode(t, add_special_tokens=True).tolist() for t in texts]
-    exp = [case.hf.encode(t) for t in texts]
+    exp = _hf_encode(case, True)  # hf.encode(t) (add_special_tokens defaults to True)
     bad = _first_mismatches(zip(got, exp))
     assert not bad, [(texts[i], g, e) for i, g, e in bad]
     assert exp[0] == [case.hf.convert_tokens_to_ids("<s>")]  # "" -> [<s>] (observed in 5.24)
@@ -216,9 +231,9 @@ def test_encode_batch_equals_encode(case):
     for add in (False, True):
         batch = case.tok.encode_batch(texts, add_special_tokens=add)
         assert len(batch) == len(texts)
-        for t, ids in zip(texts, batch):
+        for t, ids, exp in zip(texts, batch, _hf_encode(case, add)):
             assert isinstance(ids, np.ndarray) and ids.dtype == np.int32
-            assert ids.tolist() == case.hf.encode(t, add_special_tokens=add), t
+            assert ids.tolist() == exp, t
     assert case.tok.encode_batch([]) == []
 
 
@@ -237,7 +252,7 @@ def test_decode_round_trip_matches_transformers(case):
     texts = _texts(case)
     for skip in (False, True):
         got = [case.tok.decode(case.tok.encode(t), skip_special_tokens=skip) for t in texts]
-        exp = [case.hf.decode(case.hf.encode(t, add_special_tokens=False), skip_special_tokens=skip) for t in texts]
+        exp = [case.hf.decode(ids, skip_special_tokens=skip) for ids in _hf_encode(case, False)]
         bad = _first_mismatches(zip(got, exp))
         assert not bad, [(texts[i], g, e) for i, g, e in bad]
 
@@ -400,12 +415,28 @@ def test_strict_template_simple_cases(folders):
     bad = [
         [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}],
         [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}],
-        [{"role": "system", "content": "s"}, {"role": "system", "content": "t"}, {"role": "user", "content": "u"}],
+        [
+            {"role": "system", "content": "s"},
+            {"role": "system", "content": "t"},
+            {"role": "user", "content": "u"},
+            {"role": "assistant", "content": "a"},
+        ],
     ]
+    errors = (ferrotune.ConversationError, ferrotune.ChatTemplateError)
     for m in bad:
         assert _raises_in_transformers(hf, m) == tdirs.STRICT_ALTERNATION_ERROR
-        with pytest.raises((ferrotune.ConversationError, ferrotune.ChatTemplateError), match=r"Conversation roles must alternate"):
+        with pytest.raises(errors, match=r"Conversation roles must alternate"):
+            tok.render(m)
+        with pytest.raises(errors, match=r"Conversation roles must alternate"):
             tok.encode_chat(m)
+    # A conversation with no assistant turn may be refused by encode_chat for that reason first
+    # (no_assistant); render still reports the template's own error.
+    m = [{"role": "system", "content": "s"}, {"role": "system", "content": "t"}, {"role": "user", "content": "u"}]
+    assert _raises_in_transformers(hf, m) == tdirs.STRICT_ALTERNATION_ERROR
+    with pytest.raises(errors, match=r"Conversation roles must alternate"):
+        tok.render(m)
+    with pytest.raises(errors):
+        tok.encode_chat(m)
     good = [{"role": "system", "content": " S "}, {"role": "user", "content": " u "}, {"role": "assistant", "content": "# a"}]
     # reference value, written out so the template's trim_blocks/lstrip_blocks handling is pinned too
     assert hf.apply_chat_template(good, tokenize=False) == "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\n u [/INST] (heading)  # a </s>"

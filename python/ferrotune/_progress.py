@@ -93,13 +93,15 @@ class LineRenderer:
 
 def make_renderer(progress: Any) -> Optional[ProgressCallback]:
     """``True`` → bars in notebooks/terminals, lines in logs; ``False``/``None`` → silent;
-    ``"bar"`` / ``"lines"`` force one; a callable is used as is."""
+    ``"bar"`` / ``"lines"`` force one; ``"auto"`` is ``True``; a callable is used as is."""
+    if progress == "auto":
+        progress = True
     if progress is None or progress is False:
         return None
     if callable(progress):
         return progress
     if progress not in (True, "bar", "lines"):
-        raise ValueError(f"progress must be True, False, 'bar', 'lines' or a callable, not {progress!r}")
+        raise ValueError(f"progress must be True, False, 'auto', 'bar', 'lines' or a callable, not {progress!r}")
     if progress == "lines":
         return LineRenderer()
     if progress == "bar" or _in_notebook() or sys.stderr.isatty():

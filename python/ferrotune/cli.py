@@ -14,7 +14,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     # import_module, not `from . import`: the package attribute of that name is the function.
     dd = importlib.import_module("ferrotune.download_dataset")
-    from . import demo
+    from . import demo, tokenize_cli
 
     parser = argparse.ArgumentParser(prog="ferrotune", description="Fast Phi-3 fine-tuning tools.")
     parser.add_argument("--version", action="version", version=f"ferrotune {__version__}")
@@ -26,6 +26,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         add_help=False,
     )
     d.set_defaults(func=dd.run)
+    t = sub.add_parser("tokenize", help="render, tokenize, label and pack conversations into training rows")
+    tokenize_cli.add_arguments(t)
+    t.set_defaults(func=tokenize_cli.run)
     m = sub.add_parser("demo", help="run the pipeline on the bundled sample dataset, offline")
     demo.add_arguments(m)
     m.set_defaults(func=demo.run)

@@ -89,7 +89,8 @@ pub struct TokenizeStats {
     pub truncated: u64,
     pub total_tokens: u64,
     pub trainable_tokens: u64,
-    /// Real tokens / (rows × max_seq_length) in pack mode; real / (rows × longest) in pad mode.
+    /// Real tokens / (rows × max_seq_length): the share of token slots that hold data if
+    /// every row were padded to `max_seq_length`.
     pub packing_efficiency: f64,
     /// Conversation lengths (after truncation) in power-of-two buckets, e.g. "129-256".
     pub length_histogram: Vec<(String, u64)>,
@@ -164,7 +165,6 @@ pub fn tokenize_dataset(
         ..Default::default()
     };
     let mut histogram: BTreeMap<usize, u64> = BTreeMap::new();
-    let mut longest = 0usize;
     let task = ctx.task("tokenize", total, "rows");
 
     std::thread::scope(|s| -> Result<()> {
@@ -237,7 +237,6 @@ pub fn tokenize_dataset(
                             stats.truncated += u64::from(c.truncated);
                             stats.total_tokens += len as u64;
                             stats.trainable_tokens += c.trainable() as u64;
-                            longest = longest.max(len);
                             *histogram.entry(bucket(len)).or_default() += 1;
                             window.push(c);
                         }
@@ -280,10 +279,7 @@ pub fn tokenize_dataset(
     })?;
     drop(task);
 
-    let slots = match opts.mode {
-        PackMode::Pack => stats.rows_written * max_len as u64,
-        PackMode::Pad => stats.rows_written * longest as u64,
-    };
+    let slots = stats.rows_written * max_len as u64;
     stats.packing_efficiency = if slots == 0 {
         0.0
     } else {

@@ -129,13 +129,16 @@ impl ChatTokenizer {
     /// Builds the tokenizer from its files.
     pub fn from_files(files: &TokenizerFiles) -> Result<Self> {
         let (json, pipeline) = effective_tokenizer_json(files);
-        let tokenizer = Tokenizer::from_bytes(serde_json::to_vec(&json).expect("a JSON value"))
+        let mut tokenizer = Tokenizer::from_bytes(serde_json::to_vec(&json).expect("a JSON value"))
             .map_err(|e| {
                 Error::data_format(
                     format!("{}/tokenizer.json", files.origin),
                     format!("not a tokenizer the `tokenizers` library can load: {e}"),
                 )
             })?;
+        // transformers (re-)adds the named special tokens to the backend as special tokens,
+        // which makes decode(skip_special_tokens=True) drop them; do the same.
+        tokenizer.add_special_tokens(&named_special_tokens(files));
         let special = |name| files.special_token(name);
         let (bos, eos, unk, pad) = (
             special("bos_token"),
@@ -366,6 +369,60 @@ impl ChatTokenizer {
         }
         Ok(spans)
     }
+}
+
+/// bos/eos/unk/pad and the additional special tokens of tokenizer_config.json (or
+/// special_tokens_map.json), marked special. A token that is already an added token keeps
+/// its flags (lstrip, rstrip, ...) as transformers keeps them; otherwise the flags of the
+/// AddedToken object in the config, or none for a plain string.
+fn named_special_tokens(files: &TokenizerFiles) -> Vec<tokenizers::AddedToken> {
+    use serde_json::Value as J;
+    let existing = |content: &str| -> Option<&serde_json::Map<String, J>> {
+        files
+            .tokenizer_json
+            .get("added_tokens")?
+            .as_array()?
+            .iter()
+            .filter_map(J::as_object)
+            .find(|o| o.get("content").and_then(J::as_str) == Some(content))
+    };
+    let token = |v: &J| -> Option<tokenizers::AddedToken> {
+        let (content, given) = match v {
+            J::String(s) => (s.as_str(), None),
+            J::Object(o) => (o.get("content")?.as_str()?, Some(o)),
+            _ => return None,
+        };
+        let flags = existing(content).or(given);
+        let flag = |k: &str| {
+            flags
+                .and_then(|o| o.get(k))
+                .and_then(J::as_bool)
+                .unwrap_or(false)
+        };
+        Some(
+            tokenizers::AddedToken::from(content.to_string(), true)
+                .single_word(flag("single_word"))
+                .lstrip(flag("lstrip"))
+                .rstrip(flag("rstrip"))
+                .normalized(flag("normalized")),
+        )
+    };
+    let lookup = |k: &str| {
+        files
+            .config
+            .get(k)
+            .or_else(|| files.special_tokens_map.get(k))
+    };
+    let mut out: Vec<_> = ["bos_token", "eos_token", "unk_token", "pad_token"]
+        .iter()
+        .filter_map(|k| lookup(k).and_then(token))
+        .collect();
+    for k in ["additional_special_tokens", "extra_special_tokens"] {
+        if let Some(J::Array(list)) = lookup(k) {
+            out.extend(list.iter().filter_map(token));
+        }
+    }
+    out
 }
 
 /// Length in bytes of the longest common prefix, on a char boundary.

@@ -12,7 +12,6 @@ use rayon::prelude::*;
 
 use super::errors::to_pyerr;
 use super::run::run_blocking;
-use crate::chat::dataset::DEFAULT_PACK_WINDOW;
 use crate::chat::{
     tokenize_dataset as core_tokenize, ChatTokenizer, Message, PackMode, TokenizeOptions,
     TokenizedRows, TrainOn,
@@ -220,7 +219,7 @@ impl PyChatTokenizer {
 /// Tokenizes conversations from JSONL/Parquet files into packed (or one-per-row) training
 /// rows written to `output` (.parquet or .arrow). Returns the statistics as a dict.
 #[pyfunction]
-#[pyo3(signature = (tokenizer, data_files, output, max_seq_length=None, mode="pack".to_string(), train_on="assistant".to_string(), strict=false, num_threads=None, pack_window=DEFAULT_PACK_WINDOW, revision="main".to_string(), token=None, progress=None))]
+#[pyo3(signature = (tokenizer, data_files, output, max_seq_length=None, mode="pack".to_string(), train_on="assistant".to_string(), strict=false, num_threads=None, pack_window=8192, revision="main".to_string(), token=None, progress=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn tokenize_dataset(
     py: Python<'_>,
@@ -244,6 +243,8 @@ pub fn tokenize_dataset(
             .to_string_lossy()
             .into_owned()),
     };
+    // The signature's 8192 is the core's default window.
+    debug_assert_eq!(crate::chat::dataset::DEFAULT_PACK_WINDOW, 8192);
     let stats = run_blocking(py, progress, move |ctx| {
         let tok = match loaded {
             Ok(t) => t,

@@ -202,8 +202,10 @@ STRICT_TEMPLATE = """\
         {{- ' ' + content.strip() + ' ' + eos_token -}}
     {% endif %}
     {% set ns.last_role = message['role'] %}
-    {% if loop.last %}
-        {# a trailing marker that depends on the namespace, so a wrong namespace shows #}
+    {% if loop.last and message['role'] == 'assistant' %}
+        {# a trailing marker after the final reply that depends on the namespace, so a wrong
+           namespace shows (only after an assistant turn: the rendering of the messages before
+           any assistant turn, with add_generation_prompt, stays a prefix of the whole) #}
         {{- '\\n' if ns.turns > 1 else '' -}}
     {% endif %}
 {% endfor %}

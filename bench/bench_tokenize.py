@@ -172,7 +172,7 @@ def run_measured(cmd: list, env: dict, interval: float = 0.05, tree_interval: fl
     Forked workers (the peer's map processes) share pages with their parent, which such a sum
     counts once per process, so while the tree has several processes the sum of their PSS
     (/proc/PID/smaps_rollup; ~10 ms a process, hence only every `pss_interval` s) is sampled
-    too. The sampler costs ~2 % of one CPU."""
+    too. The sampler costs a few % of one CPU."""
     import psutil
 
     out_f = tempfile.TemporaryFile()
@@ -219,8 +219,9 @@ def run_measured(cmd: list, env: dict, interval: float = 0.05, tree_interval: fl
         "process_s": wall,
         "peak_rss_mib": max(peak_tree / 2**20, rss_kib / 1024),
         "peak_rss_tree_sampled_mib": peak_tree / 2**20,
-        # RSS while the tree is one process, the sum of PSS while it has several
-        "peak_pss_mib": max(peak_pss, rss_kib * 1024 if max_procs <= 1 else 0) / 2**20,
+        # RSS while the tree is one process, the sum of PSS while it has several; never less
+        # than the main process's own peak (the tree's footprint is at least that)
+        "peak_pss_mib": max(peak_pss, rss_kib * 1024) / 2**20,
         "main_ru_maxrss_mib": rss_kib / 1024,
         "max_processes": max_procs,
         "result": result,
@@ -328,13 +329,15 @@ def worker_ceiling(args) -> None:
     # Encode in chunks (all texts at once would hold tens of GB of Encoding objects at full
     # size); only the encode_batch calls are timed.
     chunk = 8192
-    encode_s = 0.0
-    total = total_trunc = trainable_trunc = 0
+    encode_s = encode_cpu_s = 0.0
+    total = total_trunc = 0
     for i in range(0, len(texts), chunk):
         part = texts[i:i + chunk]
+        c0 = time.process_time()
         t0 = time.perf_counter()
         encs = backend.encode_batch(part, add_special_tokens=False)
         encode_s += time.perf_counter() - t0
+        encode_cpu_s += time.process_time() - c0
         for e in encs:
             n = len(e)  # tokens (len(e.ids) would build a list)
             total += n
@@ -345,6 +348,7 @@ def worker_ceiling(args) -> None:
         "rows_out": len(texts),
         "render_s": render_s,
         "encode_s": encode_s,
+        "encode_cpu_s": encode_cpu_s,  # CPU time of all threads: ~threads x encode_s on an idle machine
         "timed_s": encode_s,
         "total_tokens_untruncated": total,
         "total_tokens": total_trunc,
@@ -541,7 +545,8 @@ def report(args, rows: int, jsonl: Path, jsonl_bytes: int, runs: list[dict]) -> 
         c = ceiling["result"]
         checks["ceiling"] = {"sample_mismatches": c["sample_mismatches"], "tokens_untruncated": c["total_tokens_untruncated"], "tokens": c["total_tokens"]}
         print(f"ceiling: {c['total_tokens_untruncated']:,} tokens untruncated ({c['total_tokens']:,} truncated to {MAX_SEQ_LENGTH}); "
-              f"rendering (not timed) {c['render_s']:.1f} s; ids == apply_chat_template(tokenize=True) on "
+              f"rendering (not timed) {c['render_s']:.1f} s; encode CPU {c.get('encode_cpu_s', 0):.1f} s "
+              f"({c.get('encode_cpu_s', 0) / max(c['encode_s'], 1e-9):.2f} CPUs busy); ids == apply_chat_template(tokenize=True) on "
               f"{c['sample_checked']} samples: {'yes' if c['sample_mismatches'] == 0 else 'NO (%d differ)' % c['sample_mismatches']}")
         if peer and c["total_tokens"] != checks["peer"]["tokens"]:
             print(f"  WARNING: ceiling truncated total {c['total_tokens']:,} != peer {checks['peer']['tokens']:,}")

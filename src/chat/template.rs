@@ -330,7 +330,10 @@ mod tests {
             env.add_filter("tojson", tojson);
             env.render_str(
                 "{{ x | tojson }}|{{ x | tojson(indent=2) }}",
-                minijinja::context! { x => serde_json::json!({"a": [1, "é</>"], "b": {}}) },
+                minijinja::context! { x => Value::from_pairs([
+                    ("a", Value::from(vec![Value::from(1), Value::from("é</>")])),
+                    ("b", Value::from_pairs(Vec::<(&str, Value)>::new())),
+                ]) },
             )
             .unwrap()
         };

@@ -146,7 +146,7 @@ _LAUNCHER = (
     "import os, sys\n"
     "pid = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ)\n"
     "_, status, ru = os.wait4(pid, 0)\n"
-    "sys.stderr.write('\\nRSS_KIB=' + str(ru.ru_maxrss) + '\\n')\n"
+    "sys.stderr.write('\\nRSS_KIB=' + str(ru.ru_maxrss) + ' CPU_S=' + str(ru.ru_utime + ru.ru_stime) + '\\n')\n"
     "sys.exit(os.waitstatus_to_exitcode(status))\n"
 )
 
@@ -209,6 +209,7 @@ def run_measured(cmd: list, env: dict, interval: float = 0.05, tree_interval: fl
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd[:5]))} ... failed ({proc.returncode}):\n{stderr[-4000:]}\n{stdout[-2000:]}")
     rss_kib = int(stderr.rsplit("RSS_KIB=", 1)[1].split()[0])
+    cpu_s = float(stderr.rsplit("CPU_S=", 1)[1].split()[0])  # the tool and the children it reaped
     result = None
     for line in stdout.splitlines():
         if line.startswith(RESULT_TAG):
@@ -217,6 +218,7 @@ def run_measured(cmd: list, env: dict, interval: float = 0.05, tree_interval: fl
         raise RuntimeError(f"worker printed no result:\n{stdout[-2000:]}\n{stderr[-2000:]}")
     return {
         "process_s": wall,
+        "cpu_s": cpu_s,
         "peak_rss_mib": max(peak_tree / 2**20, rss_kib / 1024),
         "peak_rss_tree_sampled_mib": peak_tree / 2**20,
         # RSS while the tree is one process, the sum of PSS while it has several; never less
@@ -365,7 +367,8 @@ def worker_ferrotune(args) -> None:
 
     t_import = time.perf_counter()
     stats = ferrotune.tokenize_dataset(
-        args.tokenizer, args.jsonl, args.out, max_seq_length=MAX_SEQ_LENGTH, mode=args.mode, num_threads=args.threads
+        args.tokenizer, args.jsonl, args.out, max_seq_length=MAX_SEQ_LENGTH, mode=args.mode, num_threads=args.threads,
+        progress=False,
     )
     t_end = time.perf_counter()
     s = dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(vars(stats))
@@ -518,17 +521,18 @@ def report(args, rows: int, jsonl: Path, jsonl_bytes: int, runs: list[dict]) -> 
           "ferrotune = the tokenize_dataset call. Rates use timed s.")
     print("peak RSS: sum of RSS over the process tree (counts pages shared by forked workers once per process); "
           "peak PSS: sum of PSS (shared pages split), the fairer number for the peer's 2 map workers.")
-    print("| contender | process s | timed s | conversations/s | tokens/s | peak RSS MiB | peak PSS MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("CPU s: user+sys of the whole process tree (less sensitive than wall time to other load on the machine).")
+    print("| contender | process s | timed s | CPU s | conversations/s | tokens/s | peak RSS MiB | peak PSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in ok:
         res = r["result"]
         t = res["timed_s"]
         conv = res.get("rows_out") or 0
         tok = _tokens_of(r) or 0
-        print(f"| {r['label']} | {r['process_s']:.2f} | {t:.2f} | {conv / t:,.0f} | {tok / t:,.0f} | {r['peak_rss_mib']:.0f} | {r['peak_pss_mib']:.0f} |")
+        print(f"| {r['label']} | {r['process_s']:.2f} | {t:.2f} | {r['cpu_s']:.1f} | {conv / t:,.0f} | {tok / t:,.0f} | {r['peak_rss_mib']:.0f} | {r['peak_pss_mib']:.0f} |")
     for r in runs:
         if "error" in r:
-            print(f"| {r['label']} | failed | | | | | |")
+            print(f"| {r['label']} | failed | | | | | | |")
 
     checks: dict = {}
     ratios: list[dict] = []
@@ -584,21 +588,25 @@ def report(args, rows: int, jsonl: Path, jsonl_bytes: int, runs: list[dict]) -> 
             all_ok &= ck["rows_equal_peer"] and ck["tokens_equal_peer"]
             ratio["speedup_vs_peer_process"] = peer["process_s"] / r["process_s"]
             ratio["speedup_vs_peer_timed"] = peer["result"]["timed_s"] / r["result"]["timed_s"]
+            ratio["cpu_ratio_peer_over_ferrotune"] = peer["cpu_s"] / max(r["cpu_s"], 1e-9)
             ratio["rss_ratio_vs_peer"] = r["peak_rss_mib"] / peer["peak_rss_mib"]
             ratio["pss_ratio_vs_peer"] = r["peak_pss_mib"] / peer["peak_pss_mib"]
         if ceiling:
             ratio["vs_ceiling"] = ceiling["result"]["encode_s"] / r["result"]["timed_s"]
+            if "encode_cpu_s" in ceiling["result"]:
+                ratio["cpu_ratio_ceiling_encode_over_ferrotune"] = ceiling["result"]["encode_cpu_s"] / max(r["cpu_s"], 1e-9)
         checks[f"ferrotune_{r['mode']}"] = ck
         ratios.append(ratio)
 
     if ratios:
         print()
-        print("| ferrotune mode | vs peer, process (target ≥ 5×) | vs peer, timed | vs ceiling (ceiling encode s / ferrotune call s, target ≥ 0.8) | RSS ferrotune/peer (target ≤ 0.5) | same with the peer's PSS |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print("| ferrotune mode | vs peer, process (target ≥ 5×) | vs peer, timed | vs ceiling (ceiling encode s / ferrotune call s, target ≥ 0.8) | RSS ferrotune/peer (target ≤ 0.5) | same with the peer's PSS | CPU s peer/ferrotune | CPU s ceiling encode/ferrotune |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
         f = lambda k, x, fmt: (fmt % x[k]) if k in x else "n/a"  # noqa: E731
         for x in ratios:
             print(f"| {x['mode']} | {f('speedup_vs_peer_process', x, '%.1f×')} | {f('speedup_vs_peer_timed', x, '%.1f×')} | "
-                  f"{f('vs_ceiling', x, '%.2f')} | {f('rss_ratio_vs_peer', x, '%.2f')} | {f('pss_ratio_vs_peer', x, '%.2f')} |")
+                  f"{f('vs_ceiling', x, '%.2f')} | {f('rss_ratio_vs_peer', x, '%.2f')} | {f('pss_ratio_vs_peer', x, '%.2f')} | "
+                  f"{f('cpu_ratio_peer_over_ferrotune', x, '%.1f×')} | {f('cpu_ratio_ceiling_encode_over_ferrotune', x, '%.2f')} |")
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else RESULTS / f"tokenize-{stamp}.json"

@@ -190,6 +190,15 @@ impl HubClient {
                 if let Some(p) = cache.cached_file(&commit, path) {
                     return Ok(p);
                 }
+                // The Hub said earlier that this file does not exist (`.no_exist`), as
+                // huggingface_hub remembers it.
+                if cache.is_marked_missing(&commit, path) {
+                    return Err(Error::EntryNotFound {
+                        repo_id: repo.id.clone(),
+                        revision: revision.to_string(),
+                        path: path.to_string(),
+                    });
+                }
             }
         }
         if self.settings().offline {

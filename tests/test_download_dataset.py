@@ -186,3 +186,8 @@ def test_demo_runs_offline(tmp_path):
     out = tmp_path / "ultrachat_200k_dataset"
     assert (out / "train_sft.jsonl").read_text().count("\n") == 10
     assert (out / "test_sft.jsonl").read_text().count("\n") == 2  # 5 % of 50 = 2.5 → 2
+    # Step 2 tokenized and packed the downloaded train_sft with the bundled Phi-3 tokenizer.
+    ds = ferrotune.load_tokenized(tmp_path / "train_sft.tokenized.parquet")
+    assert ds.metadata["max_seq_length"] == 2048 and ds.metadata["mode"] == "pack"
+    assert 0 < len(ds) <= 10 and int(ds.seq_lengths.sum()) == len(ds.input_ids)
+    assert "10 conversations kept" in r.stdout

@@ -1,9 +1,11 @@
 """``ferrotune demo``: the main job on an embedded default, fully offline.
 
-A small ultrachat_200k-schema sample (all four splits, several shards) ships inside the
-package. The demo lays it out as a Hugging Face cache snapshot in a work folder, then runs
-the real download path with ``HF_HUB_OFFLINE=1`` — the same code that serves
-``HuggingFaceH4/ultrachat_200k`` online — and prints what it wrote.
+A small ultrachat_200k-schema sample (all four splits, several shards) and a Phi-3
+tokenizer stand-in ship inside the package. The demo lays the sample out as a Hugging Face
+cache snapshot in a work folder, runs the real download path with ``HF_HUB_OFFLINE=1`` —
+the same code that serves ``HuggingFaceH4/ultrachat_200k`` online — then renders,
+tokenizes, labels and packs ``train_sft`` with the Phi-3 chat template, and prints what it
+wrote.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def seed_cache(cache_dir: Path) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default=None, help="where to put the demo's cache and outputs (default: a temp folder)")
     p.add_argument("--split-pc", default="5", help="percentage of each split to keep (default 5, as in the notebook)")
+    p.add_argument("--max-seq-length", type=int, default=2048, help="packed row length for the tokenize step (default 2048)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         print(f"ferrotune demo — offline, bundled sample '{repo}' (ultrachat_200k schema)")
-        print(f"  step 1/1  download-dataset --dataset_split_pc {args.split_pc} --download_dir {out_dir}")
+        print(f"  step 1/2  download-dataset --dataset_split_pc {args.split_pc} --download_dir {out_dir}")
         t0 = time.perf_counter()
         result = download_dataset(repo, out_dir, split_pc=args.split_pc, format="both", progress=not args.quiet)
         dt = time.perf_counter() - t0
@@ -100,7 +103,19 @@ def run(args: argparse.Namespace) -> int:
     with open(first.paths["jsonl"], encoding="ascii") as f:
         line = f.readline().strip()
     print(f"  first line of {first.split}.jsonl: {line[:120]}{'...' if len(line) > 120 else ''}")
-    print("  (tokenization, LoRA training and packaging join this demo as they land)")
+
+    from ._tokenize import tokenize_dataset
+
+    tokenizer = resources.files("ferrotune") / "_sample" / "phi3-tokenizer"
+    train = result["train_sft"].paths["jsonl"] if "train_sft" in result else first.paths["jsonl"]
+    packed = work / "train_sft.tokenized.parquet"
+    print(f"  step 2/2  tokenize --tokenizer <bundled Phi-3 tokenizer> --train-file {train} --output {packed}")
+    t0 = time.perf_counter()
+    stats = tokenize_dataset(str(tokenizer), train, packed, max_seq_length=args.max_seq_length, progress=not args.quiet)
+    dt = time.perf_counter() - t0
+    print(f"    {stats.summary()}")
+    print(f"  done in {dt:.2f} s.")
+    print("  (LoRA training and packaging join this demo as they land)")
     return 0
 
 

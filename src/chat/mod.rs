@@ -15,6 +15,7 @@ pub mod output;
 pub mod pack;
 pub mod template;
 pub mod tokenizer;
+pub mod word_split;
 
 pub use conversation::{DropReason, Message};
 pub use dataset::{tokenize_dataset, PackMode, TokenizeOptions, TokenizeStats};

@@ -12,14 +12,29 @@
 //! collator with `<|user|>`/`<|assistant|>` trains.
 
 use minijinja::value::Value;
-use tokenizers::Tokenizer;
+use tokenizers::{
+    DecoderWrapper, ModelWrapper, NormalizerWrapper, PostProcessorWrapper, TokenizerImpl,
+};
 
 use super::compat::{effective_tokenizer_json, Pipeline};
 use super::conversation::{check_shape, to_values, DropReason, Message};
 use super::files::TokenizerFiles;
 use super::template::{ChatTemplate, RenderError};
+use super::word_split::ChatPreTokenizer;
+
+/// The `tokenizers` pipeline with ferrotune's pre-tokenizer slot.
+pub type Backend = TokenizerImpl<
+    ModelWrapper,
+    NormalizerWrapper,
+    ChatPreTokenizer,
+    PostProcessorWrapper,
+    DecoderWrapper,
+>;
 use crate::error::{Error, Result};
 use crate::progress::Ctx;
+
+/// Words kept in the BPE cache (~100 bytes each).
+const WORD_CACHE_CAPACITY: usize = 200_000;
 
 /// The label value of tokens that carry no loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i32 = -100;
@@ -98,7 +113,7 @@ impl From<Error> for ChatError {
 /// A tokenizer with its chat template and special tokens, loaded like
 /// `transformers.AutoTokenizer.from_pretrained`.
 pub struct ChatTokenizer {
-    tokenizer: Tokenizer,
+    tokenizer: Backend,
     template: Option<ChatTemplate>,
     pub chat_template: Option<String>,
     pub bos_token: Option<String>,
@@ -129,16 +144,23 @@ impl ChatTokenizer {
     /// Builds the tokenizer from its files.
     pub fn from_files(files: &TokenizerFiles) -> Result<Self> {
         let (json, pipeline) = effective_tokenizer_json(files);
-        let mut tokenizer = Tokenizer::from_bytes(serde_json::to_vec(&json).expect("a JSON value"))
+        let mut tokenizer = Backend::from_bytes(serde_json::to_vec(&json).expect("a JSON value"))
             .map_err(|e| {
-                Error::data_format(
-                    format!("{}/tokenizer.json", files.origin),
-                    format!("not a tokenizer the `tokenizers` library can load: {e}"),
-                )
-            })?;
+            Error::data_format(
+                format!("{}/tokenizer.json", files.origin),
+                format!("not a tokenizer the `tokenizers` library can load: {e}"),
+            )
+        })?;
         // transformers (re-)adds the named special tokens to the backend as special tokens,
         // which makes decode(skip_special_tokens=True) drop them; do the same.
         tokenizer.add_special_tokens(&named_special_tokens(files));
+        if let ModelWrapper::BPE(bpe) = tokenizer.get_model() {
+            // With words split (compat::split_words_where_exact) the BPE cache does most of
+            // the work; the default 10k words fill up early on a large dataset.
+            let mut bpe = bpe.clone();
+            bpe.resize_cache(WORD_CACHE_CAPACITY);
+            tokenizer.with_model(bpe);
+        }
         let special = |name| files.special_token(name);
         let (bos, eos, unk, pad) = (
             special("bos_token"),
@@ -200,7 +222,7 @@ impl ChatTokenizer {
     }
 
     /// The underlying `tokenizers` object.
-    pub fn inner(&self) -> &Tokenizer {
+    pub fn inner(&self) -> &Backend {
         &self.tokenizer
     }
 

@@ -18,7 +18,7 @@ use serde_json::json;
 use super::conversation::DropReason;
 use super::input::{parse_json_line, PendingRow, RowReader};
 use super::output::RowWriter;
-use super::pack::{pack_rows, single_rows, Row};
+use super::pack::{pack_rows, single_rows};
 use super::tokenizer::{ChatError, ChatTokenizer, EncodedChat, TrainOn};
 use crate::error::{Error, Result};
 use crate::progress::Ctx;
@@ -169,7 +169,7 @@ pub fn tokenize_dataset(
 
     std::thread::scope(|s| -> Result<()> {
         let (chunk_tx, chunk_rx) = sync_channel::<Result<(usize, Vec<PendingRow>)>>(2);
-        let (row_tx, row_rx) = sync_channel::<WriterMsg>(2);
+        let (row_tx, row_rx) = sync_channel::<WriterMsg>(1);
         let cancel = ctx.cancel().clone();
         s.spawn(move || {
             for (i, r) in readers.iter_mut().enumerate() {
@@ -192,24 +192,15 @@ pub fn tokenize_dataset(
                 }
             }
         });
-        let written = s.spawn(move || write_rows(writer, row_rx));
+        let (mode, capacity) = (opts.mode, max_len);
+        let written = s.spawn(move || write_rows(writer, row_rx, mode, capacity));
 
         let mut window: Vec<EncodedChat> = Vec::new();
-        let flush = |window: &mut Vec<EncodedChat>, stats: &mut TokenizeStats| -> Result<()> {
-            let rows = match opts.mode {
-                PackMode::Pack => pack_rows(window, max_len),
-                PackMode::Pad => single_rows(window),
-            };
-            window.clear();
-            stats.rows_written += rows.len() as u64;
-            let mut rows = rows.into_iter().peekable();
-            while rows.peek().is_some() {
-                let batch: Vec<Row> = rows.by_ref().take(WRITE_ROWS).collect();
-                if row_tx.send(WriterMsg::Rows(batch)).is_err() {
-                    break; // the writer failed; its error is reported below
-                }
-            }
-            Ok(())
+        // The writer thread packs and writes a window while the pool tokenizes the next.
+        let flush = |window: &mut Vec<EncodedChat>| {
+            let w = std::mem::take(window);
+            // A send fails only when the writer stopped on an error, reported below.
+            let _ = row_tx.send(WriterMsg::Window(w));
         };
         let run = (|| -> Result<()> {
             for msg in chunk_rx.iter() {
@@ -259,10 +250,10 @@ pub fn tokenize_dataset(
                 }
                 task.advance(n);
                 if opts.mode == PackMode::Pad || window.len() >= opts.pack_window {
-                    flush(&mut window, &mut stats)?;
+                    flush(&mut window);
                 }
             }
-            flush(&mut window, &mut stats)?;
+            flush(&mut window);
             ctx.check()
         })();
         let ok = run.is_ok();
@@ -273,8 +264,9 @@ pub fn tokenize_dataset(
         drop(chunk_rx);
         let write_result = written.join().expect("the writer thread does not panic");
         run?;
-        write_result.map(|path| {
+        write_result.map(|(path, rows)| {
             stats.output = path;
+            stats.rows_written = rows;
         })
     })?;
     drop(task);
@@ -293,16 +285,34 @@ pub fn tokenize_dataset(
 }
 
 enum WriterMsg {
-    Rows(Vec<Row>),
+    /// Kept conversations to pack (or lay out one per row) and write.
+    Window(Vec<EncodedChat>),
     /// Everything was sent: close and rename into place. Without it the file is discarded.
     Finish,
 }
 
-fn write_rows(mut writer: RowWriter, rx: Receiver<WriterMsg>) -> Result<PathBuf> {
+/// The writer thread: returns the final path and the number of rows written.
+fn write_rows(
+    mut writer: RowWriter,
+    rx: Receiver<WriterMsg>,
+    mode: PackMode,
+    capacity: usize,
+) -> Result<(PathBuf, u64)> {
+    let mut written = 0u64;
     for msg in rx.iter() {
         match msg {
-            WriterMsg::Rows(rows) => writer.write(&rows)?,
-            WriterMsg::Finish => return writer.finish(),
+            WriterMsg::Window(convs) => {
+                let rows = match mode {
+                    PackMode::Pack => pack_rows(&convs, capacity),
+                    PackMode::Pad => single_rows(&convs),
+                };
+                drop(convs);
+                for batch in rows.chunks(WRITE_ROWS) {
+                    writer.write(batch)?;
+                }
+                written += rows.len() as u64;
+            }
+            WriterMsg::Finish => return Ok((writer.finish()?, written)),
         }
     }
     Err(Error::Cancelled)

@@ -2,6 +2,7 @@
 //! and no offset: random texts encode identically with and without it.
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use ferrotune::chat::compat::effective_tokenizer_json;
 use ferrotune::chat::files::TokenizerFiles;
@@ -9,7 +10,12 @@ use ferrotune::chat::tokenizer::Backend;
 use proptest::prelude::*;
 use tokenizers::Tokenizer;
 
-fn pair() -> Option<(Backend, Tokenizer)> {
+fn pair() -> Option<&'static (Backend, Tokenizer)> {
+    static PAIR: OnceLock<Option<(Backend, Tokenizer)>> = OnceLock::new();
+    PAIR.get_or_init(load_pair).as_ref()
+}
+
+fn load_pair() -> Option<(Backend, Tokenizer)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/phi3-tokenizer");
     let files = TokenizerFiles::from_dir(&dir).ok()?;
     let (json, _) = effective_tokenizer_json(&files);

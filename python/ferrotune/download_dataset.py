@@ -40,10 +40,10 @@ def build_parser(prog: str = "python -m ferrotune.download_dataset") -> argparse
 
 
 def run(args: argparse.Namespace) -> int:
-    from .exceptions import FerrotuneError
+    from . import _cli_errors
 
-    try:
-        result = _download_dataset(
+    result, status = _cli_errors.call(
+        lambda: _download_dataset(
             args.dataset,
             args.download_dir,
             split_pc=args.dataset_split_pc,
@@ -55,12 +55,9 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             full_download=args.full_download,
         )
-    except FerrotuneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; no partial file was left under a final name", file=sys.stderr)
-        return 130
+    )
+    if status:
+        return status
     for s in result.values():
         for p in s.paths.values():
             print(f"{s.split}: {s.rows} of {s.total_rows} rows -> {p}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,11 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from . import _cli_errors
     from ._tokenize import tokenize_dataset
-    from .exceptions import FerrotuneError
 
-    try:
-        stats = tokenize_dataset(
+    stats, status = _cli_errors.call(
+        lambda: tokenize_dataset(
             args.tokenizer,
             args.train_files,
             args.output,
@@ -40,11 +39,8 @@ def run(args: argparse.Namespace) -> int:
             revision=args.revision,
             progress=args.progress,
         )
-    except FerrotuneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        return 130
+    )
+    if status:
+        return status
     print(stats.summary())
     return 0

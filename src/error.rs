@@ -96,6 +96,19 @@ pub enum Error {
         detail: String,
     },
 
+    /// Model files that cannot be used: missing or corrupt weights, a config that does not
+    /// match the weights, an architecture ferrotune does not train.
+    #[error("{0}")]
+    Model(String),
+
+    /// Training cannot go on (a NaN/inf loss, no trainable tokens, a bad checkpoint).
+    #[error("{0}")]
+    Training(String),
+
+    /// A tensor computation failed (most often: out of memory on the GPU).
+    #[error("tensor computation failed: {0}")]
+    Compute(String),
+
     /// The operation was interrupted (Ctrl-C); nothing was left under a final name.
     #[error("interrupted")]
     Cancelled,
@@ -135,5 +148,11 @@ pub trait IoContext<T> {
 impl<T> IoContext<T> for std::io::Result<T> {
     fn at(self, path: impl Into<PathBuf>) -> Result<T> {
         self.map_err(|e| Error::io(path, e))
+    }
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Compute(e.to_string())
     }
 }

@@ -3,7 +3,9 @@ pub mod chat;
 pub mod data;
 pub mod error;
 pub mod hub;
+pub mod model;
 pub mod progress;
+pub mod train;
 
 #[cfg(feature = "python")]
 mod python;

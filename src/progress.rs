@@ -20,6 +20,8 @@ pub trait Progress: Send + Sync {
     fn finish(&self, id: u64);
     /// A one-line note for the user (e.g. "footer-only read of train_sft").
     fn message(&self, text: &str);
+    /// Training metrics as a JSON object (`{"step": 10, "loss": 1.23, ...}`).
+    fn metrics(&self, _json: &str) {}
 }
 
 /// A [`Progress`] that drops everything.
@@ -91,6 +93,11 @@ impl Ctx {
     pub fn check(&self) -> Result<()> {
         self.cancel.check()
     }
+    /// Sends training metrics (a JSON object) to whoever renders progress.
+    pub fn metrics(&self, json: &str) {
+        self.progress.metrics(json);
+    }
+
     pub fn message(&self, text: &str) {
         self.progress.message(text);
     }

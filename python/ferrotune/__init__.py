@@ -11,6 +11,11 @@ from ._download import SplitDownload, download_dataset, hub_download, split_name
 from ._tokenize import ChatTokenizer, TokenizedDataset, TokenizeStats, load_tokenized, tokenize_dataset
 from .exceptions import *  # noqa: F401,F403
 from .exceptions import __all__ as _exc_all
+from .finetune import FinetuneResult, finetune  # the function; the module stays in sys.modules
+
+# TEMPORARY (until the native LoraModel is compiled in): getattr keeps `import ferrotune`
+# working on an older build. Tighten to `from ._core import LoraModel` once it exists.
+from ._core import LoraModel
 
 __version__: str = _core.__version__
 
@@ -25,5 +30,8 @@ __all__ = [
     "TokenizeStats",
     "load_tokenized",
     "TokenizedDataset",
+    "finetune",
+    "FinetuneResult",
+    "LoraModel",
     *_exc_all,
 ]

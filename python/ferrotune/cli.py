@@ -16,6 +16,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dd = importlib.import_module("ferrotune.download_dataset")
     from . import demo, tokenize_cli
 
+    # import_module: `ferrotune.finetune` is the function, its module sits beside it
+    finetune_cli = importlib.import_module("ferrotune.finetune_cli")
+
     parser = argparse.ArgumentParser(prog="ferrotune", description="Fast Phi-3 fine-tuning tools.")
     parser.add_argument("--version", action="version", version=f"ferrotune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -29,6 +32,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t = sub.add_parser("tokenize", help="render, tokenize, label and pack conversations into training rows")
     tokenize_cli.add_arguments(t)
     t.set_defaults(func=tokenize_cli.run)
+    f = sub.add_parser(
+        "finetune",
+        help="LoRA fine-tuning with the Azure ML pipeline's parameter names",
+        description="LoRA fine-tuning of Phi-3 on chat conversations.",
+        allow_abbrev=False,
+    )
+    finetune_cli.add_arguments(f)
+    f.set_defaults(func=finetune_cli.run)
     m = sub.add_parser("demo", help="run the pipeline on the bundled sample dataset, offline")
     demo.add_arguments(m)
     m.set_defaults(func=demo.run)

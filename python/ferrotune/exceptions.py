@@ -24,6 +24,9 @@ __all__ = [
     "DataFormatError",
     "ConversationError",
     "ChatTemplateError",
+    "ModelError",
+    "TrainingError",
+    "ComputeError",
     "FerrotuneIOError",
     "FerrotuneFileNotFoundError",
     "FerrotunePermissionError",
@@ -93,6 +96,19 @@ class ConversationError(DatasetError, ValueError):
 
 class ChatTemplateError(FerrotuneError, ValueError):
     """The tokenizer's chat template does not compile, or fails on the conversations."""
+
+
+class ModelError(FerrotuneError):
+    """Model files that cannot be used: missing or corrupt weights, a config.json that does
+    not match the weights, an architecture ferrotune does not train, a bad adapter."""
+
+
+class TrainingError(FerrotuneError):
+    """Training cannot go on: a NaN/inf loss, no trainable tokens, an unusable checkpoint."""
+
+
+class ComputeError(FerrotuneError):
+    """A tensor computation failed, most often for lack of GPU memory."""
 
 
 class FerrotuneIOError(FerrotuneError, OSError):

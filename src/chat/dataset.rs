@@ -66,6 +66,29 @@ pub struct TokenizeOptions {
     pub num_threads: Option<usize>,
     /// Conversations packed together at a time.
     pub pack_window: usize,
+    /// Only these records (0-based, counted across all files, blank lines not counted):
+    /// how training splits off its validation conversations.
+    pub records: Option<std::ops::Range<u64>>,
+}
+
+/// The number of records (non-blank JSON lines, Parquet rows) in `files`.
+pub fn count_records(files: &[PathBuf]) -> Result<u64> {
+    let mut n = 0;
+    for f in files {
+        let mut r = RowReader::open(f)?;
+        if let Some(t) = r.total_rows() {
+            n += t;
+            continue;
+        }
+        loop {
+            let c = r.next_chunk(CHUNK_ROWS)?;
+            if c.is_empty() {
+                break;
+            }
+            n += c.len() as u64;
+        }
+    }
+    Ok(n)
 }
 
 /// Default `pack_window`.
@@ -171,15 +194,34 @@ pub fn tokenize_dataset(
         let (chunk_tx, chunk_rx) = sync_channel::<Result<(usize, Vec<PendingRow>)>>(2);
         let (row_tx, row_rx) = sync_channel::<WriterMsg>(1);
         let cancel = ctx.cancel().clone();
+        let records = opts.records.clone();
         s.spawn(move || {
+            let mut seen = 0u64;
             for (i, r) in readers.iter_mut().enumerate() {
                 loop {
                     if cancel.is_cancelled() {
                         return;
                     }
+                    if records.as_ref().is_some_and(|r| seen >= r.end) {
+                        return;
+                    }
                     match r.next_chunk(CHUNK_ROWS) {
                         Ok(c) if c.is_empty() => break,
                         Ok(c) => {
+                            let first = seen;
+                            seen += c.len() as u64;
+                            let c: Vec<PendingRow> = match &records {
+                                None => c,
+                                Some(range) => c
+                                    .into_iter()
+                                    .enumerate()
+                                    .filter(|(k, _)| range.contains(&(first + *k as u64)))
+                                    .map(|(_, row)| row)
+                                    .collect(),
+                            };
+                            if c.is_empty() {
+                                continue;
+                            }
                             if chunk_tx.send(Ok((i, c))).is_err() {
                                 return;
                             }

@@ -18,6 +18,6 @@ pub mod tokenizer;
 pub mod word_split;
 
 pub use conversation::{DropReason, Message};
-pub use dataset::{tokenize_dataset, PackMode, TokenizeOptions, TokenizeStats};
+pub use dataset::{count_records, tokenize_dataset, PackMode, TokenizeOptions, TokenizeStats, DEFAULT_PACK_WINDOW};
 pub use output::TokenizedRows;
 pub use tokenizer::{ChatTokenizer, EncodedChat, TrainOn};

@@ -259,6 +259,7 @@ pub fn tokenize_dataset(
             strict,
             num_threads,
             pack_window,
+            records: None,
         };
         core_tokenize(&tok, &opts, ctx)
     })?;

@@ -23,6 +23,9 @@ fn class_name(e: &Error) -> &'static str {
         Error::DataFormat { .. } => "DataFormatError",
         Error::Template(_) => "ChatTemplateError",
         Error::Conversation { .. } => "ConversationError",
+        Error::Model(_) => "ModelError",
+        Error::Training(_) => "TrainingError",
+        Error::Compute(_) => "ComputeError",
         Error::Cancelled => "KeyboardInterrupt",
         Error::Io { source, .. } => match source.kind() {
             std::io::ErrorKind::NotFound => "FerrotuneFileNotFoundError",

@@ -3,6 +3,7 @@
 
 mod chat;
 mod errors;
+mod model;
 mod run;
 
 use std::path::PathBuf;
@@ -163,5 +164,7 @@ fn ferrotune_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(chat::tokenize_dataset, m)?)?;
     m.add_function(wrap_pyfunction!(chat::load_tokenized, m)?)?;
     m.add_function(wrap_pyfunction!(_parquet_to_jsonl, m)?)?;
+    m.add_class::<model::PyLoraModel>()?;
+    m.add_function(wrap_pyfunction!(model::finetune, m)?)?;
     Ok(())
 }

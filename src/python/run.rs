@@ -21,6 +21,7 @@ enum Event {
     Advance(u64, u64),
     Finish(u64),
     Message(String),
+    Metrics(String),
 }
 
 /// Progress sink that queues events for the calling thread.
@@ -46,6 +47,9 @@ impl Progress for Channel {
     }
     fn message(&self, text: &str) {
         self.send(Event::Message(text.to_string()));
+    }
+    fn metrics(&self, json: &str) {
+        self.send(Event::Metrics(json.to_string()));
     }
 }
 
@@ -78,6 +82,10 @@ fn deliver(py: Python<'_>, cb: &Option<PyObject>, events: Vec<Event>) -> PyResul
                 flush(&mut pending)?;
                 cb.call1(py, ("message", 0u64, text, None::<u64>, 0u64, ""))?;
             }
+            Event::Metrics(json) => {
+                flush(&mut pending)?;
+                cb.call1(py, ("metrics", 0u64, json, None::<u64>, 0u64, ""))?;
+            }
         }
     }
     flush(&mut pending)
@@ -91,6 +99,21 @@ const CANCEL_GRACE: Duration = Duration::from_millis(1500);
 
 /// Runs `work` with the GIL released; see the module docs.
 pub fn run_blocking<T, F>(py: Python<'_>, progress: Option<PyObject>, work: F) -> PyResult<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&Ctx) -> Result<T> + Send + 'static,
+{
+    run_blocking_with_grace(py, progress, CANCEL_GRACE, work)
+}
+
+/// [`run_blocking`] that waits up to `grace` for a cancelled worker to stop (training
+/// saves a checkpoint on Ctrl-C, which takes longer than the default allows).
+pub fn run_blocking_with_grace<T, F>(
+    py: Python<'_>,
+    progress: Option<PyObject>,
+    grace: Duration,
+    work: F,
+) -> PyResult<T>
 where
     T: Send + 'static,
     F: FnOnce(&Ctx) -> Result<T> + Send + 'static,
@@ -157,7 +180,7 @@ where
         }
         if py_error.is_some() {
             let t = *cancelled_at.get_or_insert_with(Instant::now);
-            if t.elapsed() >= CANCEL_GRACE {
+            if t.elapsed() >= grace {
                 break None;
             }
         }

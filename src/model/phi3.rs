@@ -1,0 +1,514 @@
+//! Our Phi-3 (training-capable: all positions, packed segments, LoRA, explicit backward).
+//!
+//! Activations are 2-D `(tokens, hidden)` for the whole flat batch; attention runs per
+//! segment (one conversation), so packed rows cost no padding and no cross-talk. The
+//! backward runs layer by layer: each layer's input is a leaf, its output gradient comes
+//! from the layer above, so per-layer activation recompute uses the very same code.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Result as CResult, Tensor, Var};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::config::Phi3Config;
+use super::lora::{peft_key, Linear, Lora, LoraConfig};
+use super::ops;
+use super::weights::Weights;
+use crate::error::{Error, Result};
+
+/// One decoder layer.
+pub struct Layer {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    qkv: Linear,
+    o: Linear,
+    gate_up: Linear,
+    down: Linear,
+}
+
+impl Layer {
+    fn linears(&self) -> [(&'static str, &Linear); 4] {
+        [
+            ("qkv_proj", &self.qkv),
+            ("o_proj", &self.o),
+            ("gate_up_proj", &self.gate_up),
+            ("down_proj", &self.down),
+        ]
+    }
+}
+
+/// A flat batch: token ids, segments, the RoPE tables and masks they need, and targets.
+pub struct Batch {
+    ids: Tensor,
+    segments: Vec<(usize, usize)>,
+    cos: Tensor,
+    sin: Tensor,
+    masks: HashMap<usize, Tensor>,
+    /// Positions that have a target, and the targets (both u32).
+    target_pos: Option<Tensor>,
+    targets: Option<Tensor>,
+    n_targets: usize,
+}
+
+impl Batch {
+    pub fn n_tokens(&self) -> usize {
+        self.segments.iter().map(|s| s.1).sum()
+    }
+    pub fn n_targets(&self) -> usize {
+        self.n_targets
+    }
+}
+
+/// Phi-3 with frozen base weights and LoRA adapters.
+pub struct Phi3 {
+    pub cfg: Phi3Config,
+    pub lora_cfg: LoraConfig,
+    pub folder: PathBuf,
+    device: Device,
+    dtype: DType,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+}
+
+fn seed_mix(seed: u64, a: u64, b: u64) -> u64 {
+    // splitmix64 over the three parts: distinct, well-spread seeds per (layer, module).
+    let mut z = seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl Phi3 {
+    /// Loads the base weights from `folder` (config.json + safetensors) in `dtype` on
+    /// `device` and creates fresh adapters from `seed`.
+    pub fn load(
+        folder: &Path,
+        lora_cfg: LoraConfig,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        lora_cfg.validate()?;
+        let cfg = super::weights::read_config(folder)?;
+        let w = Weights::open(folder)?;
+        let (h, v, i) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
+        let get = |name: &str, shape: &[usize]| w.get(name, shape, dtype, device);
+        let embed = get("model.embed_tokens.weight", &[v, h])?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}.");
+            let mut lin = |module: &str, block: &str| -> Result<Linear> {
+                let (out, inp) = cfg.linear_shape(module).expect("known module");
+                let weight = get(&format!("{p}{block}.{module}.weight"), &[out, inp])?;
+                let lora = if lora_cfg.target_modules.iter().any(|m| m == module) {
+                    Some(Lora::init(lora_cfg.r, out, inp, &lora_cfg, &mut rng, device)?)
+                } else {
+                    None
+                };
+                Ok(Linear { weight, lora })
+            };
+            let qkv = lin("qkv_proj", "self_attn")?;
+            let o = lin("o_proj", "self_attn")?;
+            let gate_up = lin("gate_up_proj", "mlp")?;
+            let down = lin("down_proj", "mlp")?;
+            layers.push(Layer {
+                input_norm: get(&format!("{p}input_layernorm.weight"), &[h])?,
+                post_norm: get(&format!("{p}post_attention_layernorm.weight"), &[h])?,
+                qkv,
+                o,
+                gate_up,
+                down,
+            });
+        }
+        let _ = i;
+        let norm = get("model.norm.weight", &[h])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            get("lm_head.weight", &[v, h])?
+        };
+        Ok(Self {
+            cfg,
+            lora_cfg,
+            folder: folder.to_path_buf(),
+            device: device.clone(),
+            dtype,
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Every adapter tensor with its PEFT name, in a fixed order (layer, module, A then B).
+    pub fn lora_params(&self) -> Vec<(String, &Var)> {
+        let mut out = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            for (module, lin) in layer.linears() {
+                if let Some(lora) = &lin.lora {
+                    out.push((peft_key(l, module, "A"), &lora.a));
+                    out.push((peft_key(l, module, "B"), &lora.b));
+                }
+            }
+        }
+        out
+    }
+
+    /// Layer `l`'s adapters, in the same order as [`Self::lora_params`].
+    fn layer_params(&self, l: usize) -> Vec<&Var> {
+        let mut out = Vec::new();
+        for (_, lin) in self.layers[l].linears() {
+            if let Some(lora) = &lin.lora {
+                out.push(&lora.a);
+                out.push(&lora.b);
+            }
+        }
+        out
+    }
+
+    /// Each linear's adapter, for merging and export: (layer, module, base weight, adapter).
+    pub fn adapters(&self) -> Vec<(usize, &'static str, &Tensor, &Lora)> {
+        let mut out = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            for (module, lin) in layer.linears() {
+                if let Some(lora) = &lin.lora {
+                    out.push((l, module, &lin.weight, lora));
+                }
+            }
+        }
+        out
+    }
+
+    /// Builds a batch. `labels` (same length as `ids`, -100 = no loss) is needed for loss
+    /// computations; `seq_lengths` (summing to `ids.len()`) splits `ids` into conversations.
+    pub fn batch(&self, ids: &[u32], labels: Option<&[i32]>, seq_lengths: &[usize]) -> Result<Batch> {
+        let n = ids.len();
+        let bad = |m: String| Err(Error::InvalidArgument(m));
+        if seq_lengths.iter().sum::<usize>() != n || seq_lengths.contains(&0) {
+            return bad(format!(
+                "seq_lengths {:?} must be positive and sum to the number of tokens ({n})",
+                if seq_lengths.len() > 8 { &seq_lengths[..8] } else { seq_lengths }
+            ));
+        }
+        if let Some(&t) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            return bad(format!("token id {t} is outside the model's vocabulary ({})", self.cfg.vocab_size));
+        }
+        if let Some(l) = labels {
+            if l.len() != n {
+                return bad(format!("labels has {} entries for {n} tokens", l.len()));
+            }
+        }
+        let half = self.cfg.head_dim / 2;
+        let attn = self.cfg.attention_factor() as f32;
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        let mut segments = Vec::with_capacity(seq_lengths.len());
+        let mut freqs: HashMap<bool, Vec<f32>> = HashMap::new();
+        let mut start = 0;
+        for &len in seq_lengths {
+            let long = self.cfg.longrope.as_ref().is_some_and(|l| len > l.original_max_position_embeddings);
+            let inv = freqs.entry(long).or_insert_with(|| self.inv_freq_f32(len));
+            for p in 0..len {
+                for &f in inv.iter() {
+                    // f32 like transformers: angle = inv_freq * position, then cos/sin.
+                    let a = f * p as f32;
+                    cos.push(a.cos() * attn);
+                    sin.push(a.sin() * attn);
+                }
+            }
+            segments.push((start, len));
+            start += len;
+        }
+        let dev = &self.device;
+        let cos = Tensor::from_vec(cos, (n, half), dev)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (n, half), dev)?.to_dtype(self.dtype)?;
+        let mut masks = HashMap::new();
+        for &(_, len) in &segments {
+            if !masks.contains_key(&len) {
+                masks.insert(len, self.mask(len)?);
+            }
+        }
+        let (mut pos, mut tgt) = (Vec::new(), Vec::new());
+        if let Some(labels) = labels {
+            for &(s, len) in &segments {
+                for t in s..s + len - 1 {
+                    let y = labels[t + 1];
+                    if y == -100 {
+                        continue;
+                    }
+                    if y < 0 || y as usize >= self.cfg.vocab_size {
+                        return bad(format!("label {y} at position {} is not a token id nor -100", t + 1));
+                    }
+                    pos.push(t as u32);
+                    tgt.push(y as u32);
+                }
+            }
+        }
+        let n_targets = pos.len();
+        let (target_pos, targets) = if labels.is_some() && n_targets > 0 {
+            (
+                Some(Tensor::from_vec(pos, n_targets, dev)?),
+                Some(Tensor::from_vec(tgt, n_targets, dev)?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Batch {
+            ids: Tensor::from_slice(ids, n, dev)?,
+            segments,
+            cos,
+            sin,
+            masks,
+            target_pos,
+            targets,
+            n_targets,
+        })
+    }
+
+    /// Inverse frequencies in f32, computed the way transformers does
+    /// (`1 / (factor * base ** (arange(0, d, 2) / d))` in float32).
+    fn inv_freq_f32(&self, len: usize) -> Vec<f32> {
+        let d = self.cfg.head_dim;
+        let base = self.cfg.rope_theta as f32;
+        (0..d / 2)
+            .map(|i| {
+                let e = (2 * i) as f32 / d as f32;
+                let p = base.powf(e);
+                let factor = match &self.cfg.longrope {
+                    Some(l) if len > l.original_max_position_embeddings => l.long_factor[i] as f32,
+                    Some(l) => l.short_factor[i] as f32,
+                    None => 1.0,
+                };
+                1.0 / (factor * p)
+            })
+            .collect()
+    }
+
+    /// Additive causal mask (len, len) in f32, with the sliding window when configured
+    /// (key k visible from query q iff k <= q and q - k < window, as transformers).
+    fn mask(&self, len: usize) -> CResult<Tensor> {
+        let w = self.cfg.sliding_window.unwrap_or(usize::MAX);
+        let v: Vec<f32> = (0..len)
+            .flat_map(|q| {
+                (0..len).map(move |k| {
+                    if k <= q && q - k < w {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
+            .collect();
+        Tensor::from_vec(v, (len, len), &self.device)
+    }
+
+    fn embed(&self, batch: &Batch) -> CResult<Tensor> {
+        self.embed.index_select(&batch.ids, 0)
+    }
+
+    /// One decoder layer. `grad` false runs without a graph (LoRA weights detached).
+    fn layer(&self, l: usize, x: &Tensor, b: &Batch, grad: bool, seed: Option<u64>) -> CResult<Tensor> {
+        let layer = &self.layers[l];
+        let cfg = &self.cfg;
+        let eps = cfg.rms_norm_eps;
+        let (n, hd) = (x.dim(0)?, cfg.head_dim);
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let lin = |lin: &Linear, x: &Tensor, k: u64| -> CResult<Tensor> {
+            let s = seed.map(|s| seed_mix(s, l as u64, k));
+            if grad {
+                lin.forward(x, s)
+            } else {
+                lin.forward_detached(x, s)
+            }
+        };
+        let h = ops::rms_norm(x, &layer.input_norm, eps)?;
+        let qkv = lin(&layer.qkv, &h, 0)?;
+        let heads = |start: usize, count: usize| -> CResult<Tensor> {
+            qkv.narrow(1, start * hd, count * hd)?
+                .reshape((n, count, hd))?
+                .transpose(0, 1)?
+                .contiguous()?
+                .unsqueeze(0)
+        };
+        let q = ops::rope(&heads(0, nh)?, &b.cos, &b.sin)?.squeeze(0)?;
+        let k = ops::rope(&heads(nh, nkv)?, &b.cos, &b.sin)?.squeeze(0)?;
+        let v = heads(nh + nkv, nkv)?.squeeze(0)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let rep = nh / nkv;
+        let mut outs = Vec::with_capacity(b.segments.len());
+        for &(s, len) in &b.segments {
+            let qs = q.narrow(1, s, len)?.contiguous()?;
+            let mut ks = k.narrow(1, s, len)?.contiguous()?;
+            let mut vs = v.narrow(1, s, len)?.contiguous()?;
+            if rep > 1 {
+                let expand = |t: &Tensor| -> CResult<Tensor> {
+                    t.unsqueeze(1)?
+                        .expand((nkv, rep, len, hd))?
+                        .contiguous()?
+                        .reshape((nh, len, hd))
+                };
+                ks = expand(&ks)?;
+                vs = expand(&vs)?;
+            }
+            let scores = (qs.matmul(&ks.t()?)? * scale)?
+                .to_dtype(DType::F32)?
+                .broadcast_add(&b.masks[&len])?;
+            let p = ops::softmax_last(&scores)?.to_dtype(self.dtype)?;
+            outs.push(p.matmul(&vs)?);
+        }
+        let attn = Tensor::cat(&outs, 1)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((n, nh * hd))?;
+        let x = (x + lin(&layer.o, &attn, 1)?)?;
+        let h = ops::rms_norm(&x, &layer.post_norm, eps)?;
+        let gu = lin(&layer.gate_up, &h, 2)?;
+        let i = cfg.intermediate_size;
+        let act = (gu.narrow(1, 0, i)?.silu()? * gu.narrow(1, i, i)?)?;
+        x + lin(&layer.down, &act, 3)?
+    }
+
+    /// The final hidden states (after all layers, before the norm), without a graph.
+    fn hidden(&self, b: &Batch) -> CResult<Tensor> {
+        let mut x = self.embed(b)?;
+        for l in 0..self.layers.len() {
+            x = self.layer(l, &x, b, false, None)?;
+        }
+        Ok(x)
+    }
+
+    /// Logits for every position (tokens, vocab), f32.
+    pub fn logits(&self, b: &Batch) -> Result<Tensor> {
+        let x = self.hidden(b)?;
+        let h = ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
+        Ok(ops::frozen_linear(&h, &self.lm_head)?.to_dtype(DType::F32)?)
+    }
+
+    /// The summed cross-entropy over the batch's targets, without gradients.
+    pub fn loss_sum(&self, b: &Batch) -> Result<f64> {
+        let (Some(pos), Some(tgt)) = (&b.target_pos, &b.targets) else {
+            return Ok(0.0);
+        };
+        let x = self.hidden(b)?;
+        let h = ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?.index_select(pos, 0)?;
+        let (_, raw) = ops::linear_cross_entropy(&h, &self.lm_head, tgt, 1.0, false)?;
+        Ok(raw)
+    }
+
+    /// Forward and backward of `scale × Σ CE` over the batch; adds each adapter tensor's
+    /// gradient into `grads` (ordered as [`Self::lora_params`]) and returns the unscaled
+    /// CE sum. With `recompute`, layer activations are recomputed during the backward
+    /// instead of kept (same gradients, less memory). `dropout_seed` draws LoRA dropout.
+    pub fn forward_backward(
+        &self,
+        b: &Batch,
+        scale: f64,
+        recompute: bool,
+        dropout_seed: Option<u64>,
+        grads: &mut [Option<Tensor>],
+    ) -> Result<f64> {
+        let (Some(pos), Some(tgt)) = (&b.target_pos, &b.targets) else {
+            return Ok(0.0);
+        };
+        let n_layers = self.layers.len();
+        let mut inputs: Vec<Option<Var>> = Vec::with_capacity(n_layers);
+        let mut outputs: Vec<Tensor> = Vec::with_capacity(n_layers);
+        let mut x = self.embed(b)?;
+        for l in 0..n_layers {
+            // Layer 0's input is the frozen embedding: it needs no gradient.
+            let leaf = if l == 0 { None } else { Some(Var::from_tensor(&x)?) };
+            let input = leaf.as_ref().map_or(&x, |v| v.as_tensor());
+            if recompute {
+                let out = self.layer(l, input, b, false, dropout_seed)?;
+                inputs.push(leaf);
+                x = out;
+            } else {
+                let out = self.layer(l, input, b, true, dropout_seed)?;
+                inputs.push(leaf);
+                x = out.detach();
+                outputs.push(out);
+            }
+        }
+        let first_input = if recompute { Some(self.embed(b)?) } else { None };
+        let top = Var::from_tensor(&x)?;
+        let h = ops::rms_norm(top.as_tensor(), &self.norm, self.cfg.rms_norm_eps)?.index_select(pos, 0)?;
+        let (loss, raw) = ops::linear_cross_entropy(&h, &self.lm_head, tgt, scale, true)?;
+        if !raw.is_finite() {
+            return Ok(raw);
+        }
+        let mut store = loss.backward()?;
+        let mut g = store
+            .remove(top.as_tensor())
+            .ok_or_else(|| Error::Training("internal: no gradient reached the last layer".into()))?;
+        drop(store);
+        let offsets: Vec<usize> = (0..n_layers)
+            .scan(0, |acc, l| {
+                let o = *acc;
+                *acc += self.layer_params(l).len();
+                Some(o)
+            })
+            .collect();
+        for l in (0..n_layers).rev() {
+            let out = if recompute {
+                let input = match &inputs[l] {
+                    Some(v) => v.as_tensor().clone(),
+                    None => first_input.clone().expect("set with recompute"),
+                };
+                self.layer(l, &input, b, true, dropout_seed)?
+            } else {
+                outputs.pop().expect("one output per layer")
+            };
+            let store = (out * &g)?.sum_all()?.backward()?;
+            for (j, var) in self.layer_params(l).into_iter().enumerate() {
+                if let Some(gv) = store.get(var.as_tensor()) {
+                    let slot = &mut grads[offsets[l] + j];
+                    *slot = Some(match slot.take() {
+                        None => gv.clone(),
+                        Some(acc) => (acc + gv)?,
+                    });
+                }
+            }
+            if let Some(v) = &inputs[l] {
+                g = store
+                    .get(v.as_tensor())
+                    .cloned()
+                    .ok_or_else(|| Error::Training(format!("internal: no gradient reached layer {l}")))?;
+            }
+        }
+        Ok(raw)
+    }
+}
+
+impl Linear {
+    /// Forward with the adapter's weights detached (no graph).
+    pub fn forward_detached(&self, x: &Tensor, dropout_seed: Option<u64>) -> CResult<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        match &self.lora {
+            None => Ok(y),
+            Some(l) => {
+                let dtype = x.dtype();
+                let mut xf = x.to_dtype(DType::F32)?;
+                if let (Some(seed), true) = (dropout_seed, l.dropout > 0.0) {
+                    xf = xf.broadcast_mul(&super::lora::dropout_mask(xf.dims(), l.dropout, seed, xf.device())?)?;
+                }
+                let d = xf
+                    .matmul(&l.a.as_detached_tensor().t()?)?
+                    .matmul(&l.b.as_detached_tensor().t()?)?;
+                y + (d * l.scale)?.to_dtype(dtype)?
+            }
+        }
+    }
+}

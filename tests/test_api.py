@@ -137,6 +137,8 @@ def _rust_signatures() -> dict[str, dict[str, object]]:
         params = {}
         for p in _split_top_level(m.group("sig")):
             name, eq, default = p.partition("=")
+            if name.strip() == "*":  # keyword-only marker, not a parameter
+                continue
             params[name.strip()] = default.strip() if eq else None
         name = m.group("name")
         if not hasattr(_core, name):

@@ -97,3 +97,40 @@ def tokenize_dataset(
     progress: Optional[ProgressCallback] = None,
 ) -> dict: ...
 def load_tokenized(path: str) -> dict: ...
+
+class LoraModel:
+    """Phi-3 with frozen base weights and LoRA adapters (PEFT names and initialisation)."""
+
+    @staticmethod
+    def load(
+        model: str,
+        *,
+        lora_r: int = 8,
+        lora_alpha: float = 128.0,
+        lora_dropout: float = 0.0,
+        target_modules: Optional[list[str]] = None,
+        use_rslora: bool = False,
+        seed: int = 42,
+        device: str = "cpu",
+        precision: str = "32",
+        adapter: Optional[str] = None,
+        token: Optional[str] = None,
+        progress: Optional[ProgressCallback] = None,
+    ) -> "LoraModel": ...
+    @property
+    def config(self) -> dict: ...
+    def lora_names(self) -> list[str]: ...
+    def get_lora(self) -> dict[str, npt.NDArray[np.float32]]: ...
+    def set_lora(self, state: dict[str, npt.ArrayLike]) -> None: ...
+    def logits(self, input_ids: npt.ArrayLike, seq_lengths: Optional[list[int]] = None) -> npt.NDArray[np.float32]: ...
+    def loss_and_grads(
+        self,
+        input_ids: npt.ArrayLike,
+        labels: npt.ArrayLike,
+        seq_lengths: Optional[list[int]] = None,
+        recompute: bool = False,
+    ) -> tuple[float, int, dict[str, npt.NDArray[np.float32]]]: ...
+    def save_adapter(self, path: str, base_model: Optional[str] = None) -> str: ...
+    def save_merged(self, path: str, progress: Optional[ProgressCallback] = None) -> str: ...
+
+def finetune(config_json: str, progress: Optional[ProgressCallback] = None) -> str: ...

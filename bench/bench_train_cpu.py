@@ -67,7 +67,9 @@ Memory: each contender/phase runs under a tiny stdlib launcher (`python -S`) tha
 and reports the tool process's own ru_maxrss, so the RSS of this (large) parent is not inherited
 and counted. Loading the model is part of each process; the timed section is steps only.
 
-Output: a table (tool, phase, tokens/s, s/step, peak RSS, ratios, first loss, max loss difference)
+Output: a table (tool, phase, tokens/s, s/step, CPU s/step (process CPU time of all threads over
+the timed steps; on these shared 2-core machines less noisy than wall time), peak RSS, ratios,
+first loss, max loss difference)
 and bench/results/train_cpu.json (or --out). A contender that ferrotune does not have yet is
 reported as skipped; one that runs out of memory as such. bench/gpu_train.py reuses this file
 (its workers run as `bench_train_cpu.py --_worker ...`) for the GPU measurement.
@@ -403,14 +405,16 @@ def _emit(result: dict) -> None:
     sys.stdout.flush()
 
 
-def _timing(job: dict, t_steps: list[float], tokens_per_step: list[int]) -> dict:
+def _timing(job: dict, t_steps: list[float], tokens_per_step: list[int], cpu_steps: list[float]) -> dict:
     """tokens/s and s/step over the timed steps (those after the warm-up). t_steps[0] is the
-    start of the first step and t_steps[i] the end of step i (1-based)."""
+    start of the first step and t_steps[i] the end of step i (1-based); cpu_steps the same in
+    process CPU seconds (all threads: less sensitive than wall time to a busy machine)."""
     w, n = job["warmup"], job["steps"]
     t0, t1 = t_steps[w], t_steps[w + n]
     toks = sum(tokens_per_step[w:w + n])
     return {"timed_s": t1 - t0, "timed_tokens": toks, "tokens_per_second": toks / (t1 - t0),
-            "s_per_step": (t1 - t0) / n, "step_s": [b - a for a, b in zip(t_steps[:-1], t_steps[1:])]}
+            "s_per_step": (t1 - t0) / n, "step_s": [b - a for a, b in zip(t_steps[:-1], t_steps[1:])],
+            "timed_cpu_s": cpu_steps[w + n] - cpu_steps[w]}
 
 
 def worker_peer(job: dict) -> None:
@@ -468,6 +472,7 @@ def worker_peer(job: dict) -> None:
     losses, grad_norms, tokens = [], [], []
     sync()
     t_steps = [time.perf_counter()]
+    cpu_steps = [time.process_time()]
     try:
         for b in batches:
             with autocast:
@@ -483,6 +488,7 @@ def worker_peer(job: dict) -> None:
             losses.append(float(loss.item()))  # a host sync every step, as ferrotune's per-step loss
             sync()
             t_steps.append(time.perf_counter())
+            cpu_steps.append(time.process_time())
             tokens.append(int(b["input_ids"].numel()))
     except torch.cuda.OutOfMemoryError as e:
         _emit({"tool": "peer", "phase": job["phase"], "oom": f"out of GPU memory at step {len(losses) + 1}: {str(e)[:300]}",
@@ -490,7 +496,7 @@ def worker_peer(job: dict) -> None:
         return
     res = {
         "tool": "peer", "phase": job["phase"], "losses": losses, "grad_norms": grad_norms, "lora_params": n_lora,
-        "import_s": t_import - t_start, "load_s": t_load - t_import, **_timing(job, t_steps, tokens),
+        "import_s": t_import - t_start, "load_s": t_load - t_import, **_timing(job, t_steps, tokens, cpu_steps),
         "threads": torch.get_num_threads(), "device": device, "dtype": job["dtype"],
         "gradient_checkpointing": bool(job.get("gradient_checkpointing") or job.get("peer_gradient_checkpointing")),
         "autocast": bool(cuda and job.get("autocast") and dtype != torch.float32),
@@ -541,12 +547,14 @@ def worker_ferrotune(job: dict) -> None:
         t_load = time.perf_counter()
         losses, n_targets, tokens = [], [], []
         t_steps = [time.perf_counter()]
+        cpu_steps = [time.process_time()]
         try:
             for ids, labels, seqs in flat:
                 loss, nt, grads = m.loss_and_grads(ids, labels, seqs, recompute=bool(job.get("gradient_checkpointing")))
                 losses.append(float(loss))
                 n_targets.append(int(nt))
                 t_steps.append(time.perf_counter())
+                cpu_steps.append(time.process_time())
                 tokens.append(int(ids.shape[0]))
         except Exception as e:
             if "out of memory" in str(e).lower():
@@ -556,7 +564,7 @@ def worker_ferrotune(job: dict) -> None:
             raise
         _emit({"tool": "ferrotune", "phase": job["phase"], "losses": losses, "n_targets": n_targets,
                "lora_params": int(sum(np.asarray(v).size for v in grads.values())),
-               "import_s": t_import - t_start, "load_s": t_load - t_import, **_timing(job, t_steps, tokens),
+               "import_s": t_import - t_start, "load_s": t_load - t_import, **_timing(job, t_steps, tokens, cpu_steps),
                "device": job["device"], "versions": {"ferrotune": version}})
         return
 
@@ -604,13 +612,15 @@ def worker_ferrotune(job: dict) -> None:
     if job.get("adapter_dir"):
         cfg["adapter_init"] = job["adapter_dir"]
     step_t: dict[int, float] = {}
+    step_cpu: dict[int, float] = {}
     events: list[dict] = []
 
     def on_metrics(ev: dict) -> None:
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         events.append(ev)
         if "step" in ev and "loss" in ev:  # a training log (eval logs carry eval_loss)
             step_t.setdefault(int(ev["step"]), now)
+            step_cpu.setdefault(int(ev["step"]), cpu)
 
     def progress(*args):
         # the native renderer protocol: renderer("metrics", 0, json_str, None, 0, "") for metrics
@@ -652,6 +662,7 @@ def worker_ferrotune(job: dict) -> None:
            "device": job["device"], "precision": job["precision"], "versions": {"ferrotune": version}}
     if step_t and min(step_t) == 0:  # events numbered from 0: make "step k" mean k steps done
         step_t = {k + 1: v for k, v in step_t.items()}
+        step_cpu = {k + 1: v for k, v in step_cpu.items()}
         events = [{**e, "step": e["step"] + 1} if "step" in e else e for e in events]
     w, n = job["warmup"], job["steps"]
     # Each per-step metrics event carries the trainer's own tokens_per_second over its logging
@@ -671,6 +682,8 @@ def worker_ferrotune(job: dict) -> None:
     if t0 is not None and (w + n) in step_t:
         dt_py = step_t[w + n] - t0
         res["python_event_timed_s"] = dt_py  # arrival times in Python: +-0.1 s per end
+        if w > 0:
+            res["timed_cpu_s"] = step_cpu[w + n] - step_cpu[w]  # CPU seconds at those arrivals
         res["load_s"] = step_t[min(step_t)] - t_call  # loading + first step (+ up to 0.1 s)
         if "tokens_per_second" not in res:
             res.update({"timed_s": dt_py, "timed_tokens": n * tokens_per_step, "tokens_per_second": n * tokens_per_step / dt_py,
@@ -842,6 +855,8 @@ def compare(runs: list[dict]) -> list[dict]:
         c = {"phase": phase}
         if pr.get("tokens_per_second") and fr.get("tokens_per_second"):
             c["speed_ratio_ferrotune_over_peer"] = fr["tokens_per_second"] / pr["tokens_per_second"]
+        if pr.get("timed_cpu_s") and fr.get("timed_cpu_s"):
+            c["cpu_ratio_peer_over_ferrotune"] = pr["timed_cpu_s"] / fr["timed_cpu_s"]
         c["rss_ratio_ferrotune_over_peer"] = f["peak_rss_mib"] / p["peak_rss_mib"]
         if "gpu_used_peak_minus_baseline_mib" in f and "gpu_used_peak_minus_baseline_mib" in p and p["gpu_used_peak_minus_baseline_mib"]:
             c["gpu_mem_ratio_ferrotune_over_peer"] = f["gpu_used_peak_minus_baseline_mib"] / p["gpu_used_peak_minus_baseline_mib"]
@@ -858,8 +873,8 @@ def compare(runs: list[dict]) -> list[dict]:
 def print_report(runs: list[dict], comps: list[dict], header: str, gpu: bool = False, extra_cols=None) -> None:
     print()
     print(header)
-    cols = "| tool | phase | tokens/s | s/step | peak RSS MiB |"
-    sep = "|---|---|---:|---:|---:|"
+    cols = "| tool | phase | tokens/s | s/step | CPU s/step | peak RSS MiB |"
+    sep = "|---|---|---:|---:|---:|---:|"
     if gpu:
         cols += " GPU peak MiB (nvidia-smi) | torch max allocated MiB |"
         sep += "---:|---:|"
@@ -876,8 +891,11 @@ def print_report(runs: list[dict], comps: list[dict], header: str, gpu: bool = F
             print(f"| {r['tool']} | {r['phase']} | {why} |")
             continue
         res = r["result"]
+        cpu = res.get("timed_cpu_s")
+        n_timed = round(res["timed_s"] / res["s_per_step"]) if res.get("timed_s") and res.get("s_per_step") else 0
+        cpu = f"{cpu / n_timed:.3f}" if cpu is not None and n_timed else "n/a"
         line = (f"| {r['tool']} | {r['phase']} | {res.get('tokens_per_second') or 0:,.0f} | {res.get('s_per_step') or 0:.3f} | "
-                f"{r['peak_rss_mib']:,.0f} |")
+                f"{cpu} | {r['peak_rss_mib']:,.0f} |")
         if gpu:
             g = r.get("gpu_used_peak_minus_baseline_mib")
             a = res.get("cuda_max_allocated_mib")
@@ -889,12 +907,14 @@ def print_report(runs: list[dict], comps: list[dict], header: str, gpu: bool = F
         print(line)
     if comps:
         print()
-        print("| phase | speed ferrotune/peer | RSS ferrotune/peer |" + (" GPU mem ferrotune/peer |" if gpu else "")
+        print("| phase | speed ferrotune/peer | CPU s peer/ferrotune | RSS ferrotune/peer |" + (" GPU mem ferrotune/peer |" if gpu else "")
               + " loss step 1 peer | loss step 1 ferrotune | max abs loss diff (steps) |")
-        print("|---|---:|---:|" + ("---:|" if gpu else "") + "---:|---:|---:|")
+        print("|---|---:|---:|---:|" + ("---:|" if gpu else "") + "---:|---:|---:|")
         for c in comps:
             sp = c.get("speed_ratio_ferrotune_over_peer")
-            line = f"| {c['phase']} | {f'{sp:.2f}×' if sp else 'n/a'} | {c['rss_ratio_ferrotune_over_peer']:.2f} |"
+            cr = c.get("cpu_ratio_peer_over_ferrotune")
+            line = (f"| {c['phase']} | {f'{sp:.2f}×' if sp else 'n/a'} | {f'{cr:.2f}×' if cr else 'n/a'} | "
+                    f"{c['rss_ratio_ferrotune_over_peer']:.2f} |")
             if gpu:
                 g = c.get("gpu_mem_ratio_ferrotune_over_peer")
                 line += f" {f'{g:.2f}' if g else 'n/a'} |"
@@ -944,7 +964,8 @@ def main() -> int:
               f"Phi-3 h{args.hidden} L{args.layers} heads {args.heads} I{args.intermediate} V{args.vocab}; "
               f"{args.batch}x{args.seq} tokens/step; tokens/s over {args.steps} steps after {args.warmup} warm-up.\n"
               "fwd_bwd: forward+backward only (ferrotune LoraModel.loss_and_grads vs peer loss.backward()); "
-              "step: + clip + AdamW (ferrotune finetune() vs a PyTorch loop). Peak RSS: each process's ru_maxrss.")
+              "step: + clip + AdamW (ferrotune finetune() vs a PyTorch loop). Peak RSS: each process's ru_maxrss. "
+              "CPU s/step: process CPU time (all threads) over the timed steps.")
     print_report(runs, comps, header)
     out = Path(args.out) if args.out else RESULTS / "train_cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -64,8 +64,12 @@ intermediates, PEFT's input casts, eager RoPE copies) may not fit in 80 GB; a co
 out of GPU memory is reported as such (not as a crash), and `--batch 2` or
 `--peer-gradient-checkpointing` (what an HF user would do) give the comparison that fits.
 
-Results: tables on stdout, bench/results/train_gpu.json (or --out). Runs within the device
-machine's 10-minute limit per command at the defaults (model creation ~1 min the first time).
+Results: tables on stdout, bench/results/train_gpu.json (or --out; the --tiny / CPU smoke test
+writes train_gpu_smoke.json). Not yet timed on a GPU (none was lent when this was written): the
+estimate is a few minutes at the defaults, model creation included the first time; a run that
+nears the device machine's 10-minute limit per command can be split with --phases / --peer-only /
+--ferrotune-only (the model folder and the rows are reused). CPU threads per process: --threads,
+default min(8, CPUs).
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ __all__ = [
     "warmup_steps_for",
     "step_plan",
     "segment_ce",
+    "segments_ce",
     "evaluate",
     "train",
     "lora_state",
@@ -160,26 +161,60 @@ def segment_ce(model, segment) -> tuple:
         return None, 0
     input_ids = torch.from_numpy(np.ascontiguousarray(ids)).long().unsqueeze(0)
     position_ids = torch.arange(input_ids.shape[1], dtype=torch.long).unsqueeze(0)
-    logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[0].float()  # (n, vocab)
-    target = torch.from_numpy(np.ascontiguousarray(labels[1:])).long()
-    keep = target != IGNORE
-    ce = F.cross_entropy(logits[:-1][keep], target[keep], reduction="sum")
+    # positions t whose next label is a target; the (vocab-wide) lm_head runs only there
+    # (transformers' logits_to_keep: the same logits, without the unused rows)
+    where = torch.from_numpy(np.flatnonzero(labels[1:] != IGNORE)).long()
+    out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=where)
+    logits = out.logits[0].float()  # (t, vocab)
+    target = torch.from_numpy(labels[1:][where.numpy()]).long()
+    ce = F.cross_entropy(logits, target, reduction="sum")
     return ce, t
 
 
+def segments_ce(model, segments) -> tuple:
+    """:func:`segment_ce` of several conversations in one forward pass: each is still a
+    sequence of its own (a row of a right-padded batch, positions 0..n-1, the padding masked
+    out), only the Python / dispatch overhead is shared. Returns (CE sum over all, targets)."""
+    segs = [s for s in segments if n_targets(s) > 0]
+    if not segs:
+        return None, 0
+    if len(segs) == 1:
+        return segment_ce(model, segs[0])
+    width = max(len(ids) for ids, _ in segs)
+    input_ids = torch.zeros((len(segs), width), dtype=torch.long)
+    attention = torch.zeros((len(segs), width), dtype=torch.long)
+    keep = torch.zeros((len(segs), width), dtype=torch.bool)
+    targets = []
+    for i, (ids, labels) in enumerate(segs):
+        n = len(ids)
+        input_ids[i, :n] = torch.from_numpy(np.ascontiguousarray(ids)).long()
+        attention[i, :n] = 1
+        where = np.flatnonzero(labels[1:] != IGNORE)
+        keep[i, torch.from_numpy(where).long()] = True
+        targets.append(labels[1:][where])
+    position_ids = torch.arange(width, dtype=torch.long).unsqueeze(0).expand(len(segs), width)
+    out = model(
+        input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=False, logits_to_keep=keep
+    )
+    logits = out.logits.reshape(-1, out.logits.shape[-1]).float()  # (targets, vocab), row-major order
+    target = torch.from_numpy(np.concatenate(targets)).long()
+    assert logits.shape[0] == target.shape[0], (logits.shape, target.shape)
+    return F.cross_entropy(logits, target, reduction="sum"), int(target.shape[0])
+
+
 @torch.no_grad()
-def evaluate(model, data: Any) -> tuple:
+def evaluate(model, data: Any, batch: int = 16) -> tuple:
     """(mean CE over every target token of every row, number of targets): sum / count, over
     all rows together (token-weighted)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for row in rows_from(data):
-        for seg in row:
-            ce, t = segment_ce(model, seg)
-            if t:
-                total += float(ce)
-                count += t
+    segs = [seg for row in rows_from(data) for seg in row]
+    for i in range(0, len(segs), batch):
+        ce, t = segments_ce(model, segs[i : i + batch])
+        if t:
+            total += float(ce)
+            count += t
     model.train(was_training)
     return (total / count if count else float("nan")), count
 
@@ -247,14 +282,10 @@ def train(
         step_t = sum(n_targets(s) for s in segs)
         assert step_t > 0, f"step {step} has no target tokens"
         opt.zero_grad(set_to_none=True)
-        ce_total = 0.0
-        for seg in segs:
-            ce, t = segment_ce(model, seg)
-            if t == 0:
-                continue
-            (ce / step_t).backward()
-            ce_total += float(ce.detach())
-        loss = ce_total / step_t
+        ce, t = segments_ce(model, segs)  # (the step's segments in one padded batch)
+        assert t == step_t, (t, step_t)
+        (ce / step_t).backward()
+        loss = float(ce.detach()) / step_t
         if not math.isfinite(loss):
             raise FloatingPointError(f"reference loss is {loss} at step {step + 1}")
         for p in params:  # a LoRA tensor no segment reached still takes part (weight decay)

@@ -155,7 +155,10 @@ def assert_losses_close(got, want, rtol: float = 1e-4, what: str = "step loss") 
 
 
 def checkpoint_steps(output_dir: Path) -> list:
-    return sorted(int(p.name.split("-")[1]) for p in Path(output_dir).glob("checkpoint-*") if p.is_dir())
+    """Steps of the checkpoint-{step} folders (a temporary folder of another name is not one)."""
+    return sorted(
+        int(p.name.split("-")[1]) for p in Path(output_dir).iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)
+    )
 
 
 def hf_retained(steps, best, limit: int) -> list:

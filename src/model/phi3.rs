@@ -93,6 +93,7 @@ impl Phi3 {
         dtype: DType,
     ) -> Result<Self> {
         lora_cfg.validate()?;
+        crate::tune_allocator_for_training();
         let cfg = super::weights::read_config(folder)?;
         let w = Weights::open(folder)?;
         let (h, v, i) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);

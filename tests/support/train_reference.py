@@ -10,9 +10,11 @@ but the tokenized rows it reads (``ferrotune.load_tokenized``):
   ``total_steps = max_steps if max_steps > 0 else ceil(num_train_epochs * that)``; later epochs
   start again from the first row);
 - every segment (conversation) of a packed row runs through the model *unpacked*, as a sequence
-  of its own with positions from 0: the ground truth that packing with a block-diagonal causal
-  mask must reproduce. Position ``t`` predicts ``labels[t + 1]`` of the same segment; ``-100`` is
-  not a target;
+  of its own with positions from 0 (a step's segments go through together as the rows of a
+  right-padded batch, the padding masked out): the ground truth that packing with a
+  block-diagonal causal mask must reproduce. Position ``t`` predicts ``labels[t + 1]`` of the
+  same segment; ``-100`` is not a target; the vocabulary projection runs only where there is a
+  target (``logits_to_keep``), which changes no number;
 - step loss = (sum of token cross-entropy over the step's micro-batches) / (target tokens of the
   step); the gradient is that of the same quantity (each segment's CE sum divided by the step's
   target count, accumulated by ``backward``), in float32;
@@ -28,10 +30,11 @@ The model is a ``peft`` model whose only trainable parameters are the LoRA tenso
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -152,6 +155,24 @@ def step_plan(n_rows: int, batch_size: int, ga: int, total: int) -> list:
 # ---------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def torch_threads(n: Optional[int]) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` for the duration (``None``: left alone).
+
+    The reference runs with 1 thread by default: its matrices are tiny (hidden 64), and with
+    2+ threads on a busy 2-CPU machine torch's OpenMP workers wait on each other for
+    milliseconds per op (a 20-step run took 13-15 s with 2 threads and 3 s with 1 there)."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def segment_ce(model, segment) -> tuple:
     """(sum of target-token cross-entropy as a float32 0-d tensor with grad, number of targets)
     of one conversation run as a sequence of its own (positions 0..n-1, causal)."""
@@ -203,18 +224,19 @@ def segments_ce(model, segments) -> tuple:
 
 
 @torch.no_grad()
-def evaluate(model, data: Any, batch: int = 16) -> tuple:
+def evaluate(model, data: Any, batch: int = 16, threads: Optional[int] = 1) -> tuple:
     """(mean CE over every target token of every row, number of targets): sum / count, over
     all rows together (token-weighted)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     segs = [seg for row in rows_from(data) for seg in row]
-    for i in range(0, len(segs), batch):
-        ce, t = segments_ce(model, segs[i : i + batch])
-        if t:
-            total += float(ce)
-            count += t
+    with torch_threads(threads):
+        for i in range(0, len(segs), batch):
+            ce, t = segments_ce(model, segs[i : i + batch])
+            if t:
+                total += float(ce)
+                count += t
     model.train(was_training)
     return (total / count if count else float("nan")), count
 
@@ -258,22 +280,59 @@ def train(
     num_train_epochs: float = 1.0,
     return_lora: bool = True,
     callback: Optional[Callable[[int, Any, "ReferenceRun"], None]] = None,
+    threads: Optional[int] = 1,
 ) -> ReferenceRun:
     """Trains ``model``'s LoRA tensors in place on ``data`` (see the module docstring).
 
     ``callback(step, model, run)`` runs after every optimizer step (``step`` counted from 1,
     ``run`` filled up to that step), e.g. to evaluate where ferrotune evaluates or to snapshot
-    the adapter where it saves a checkpoint."""
+    the adapter where it saves a checkpoint. ``threads``: see :func:`torch_threads`."""
+    with torch_threads(threads):
+        return _train(
+            model,
+            rows_from(data),
+            int(per_device_train_batch_size),
+            int(gradient_accumulation_steps),
+            learning_rate=learning_rate,
+            lr_scheduler_type=lr_scheduler_type,
+            warmup_steps=warmup_steps,
+            warmup_ratio=warmup_ratio,
+            weight_decay=weight_decay,
+            betas=(adam_beta1, adam_beta2),
+            eps=adam_epsilon,
+            max_grad_norm=max_grad_norm,
+            max_steps=max_steps,
+            num_train_epochs=num_train_epochs,
+            return_lora=return_lora,
+            callback=callback,
+        )
+
+
+def _train(
+    model,
+    rows: list,
+    bs: int,
+    ga: int,
+    *,
+    learning_rate,
+    lr_scheduler_type,
+    warmup_steps,
+    warmup_ratio,
+    weight_decay,
+    betas,
+    eps,
+    max_grad_norm,
+    max_steps,
+    num_train_epochs,
+    return_lora,
+    callback,
+) -> ReferenceRun:
     from transformers import get_scheduler
 
-    rows = rows_from(data)
-    bs, ga = int(per_device_train_batch_size), int(gradient_accumulation_steps)
     total = total_steps(len(rows), bs, ga, max_steps=max_steps, num_train_epochs=num_train_epochs)
     warm = warmup_steps_for(total, warmup_steps, warmup_ratio)
     params = _lora_params(model)
-    opt = torch.optim.AdamW(
-        params, lr=learning_rate, betas=(adam_beta1, adam_beta2), eps=adam_epsilon, weight_decay=weight_decay
-    )
+    opt = torch.optim.AdamW(params, lr=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay)
     sched = get_scheduler(lr_scheduler_type, opt, num_warmup_steps=warm, num_training_steps=total)
     run = ReferenceRun()
     model.train()  # (dropout is 0: train and eval mode compute the same)

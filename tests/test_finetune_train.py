@@ -598,3 +598,59 @@ def test_gradient_checkpointing_same_losses(tmp_path, model_dir, adapter_dir, to
     a, b = read_adapter(tmp_path / "recompute" / "adapter"), read_adapter(tmp_path / "plain" / "adapter")
     bad = tr.compare_tensors(a, b, rtol=1e-5)
     assert not bad, "\n".join(bad)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, model_dir, adapter_dir, tokenized):
+    """SIGINT to a running `ferrotune finetune`: a checkpoint of the steps done is saved
+    (even with save_strategy="no"), the command exits 130, nothing half-written is left,
+    and the checkpoint holds exactly the state an uninterrupted run has at that step."""
+    params = dict(
+        RESUME,
+        adapter_init=str(adapter_dir),
+        lr_scheduler_type="constant",  # the schedule then does not depend on max_steps
+        warmup_steps=0,
+        max_steps=100_000,
+        save_strategy="no",
+        logging_steps=1,
+    )
+    params_file = tmp_path / "params.json"
+    params_file.write_text(json.dumps(params), encoding="utf-8")
+    out = tmp_path / "int"
+    cmd = _cli_command(model_dir, tokenized, out, params_file)
+    cmd[cmd.index("none")] = "lines"  # --progress lines: one line per logged step
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        deadline = time.monotonic() + 120
+        for line in proc.stdout:
+            seen.append(line)
+            if re.search(r"\bstep 3/", line):
+                break
+            assert time.monotonic() < deadline, "no 'step 3/' line within 120 s:\n" + "".join(seen[-20:])
+        else:
+            pytest.fail("the CLI ended before step 3:\n" + "".join(seen[-40:]))
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    output = "".join(seen) + rest
+    assert proc.returncode == 130, output[-3000:]
+    assert "interrupted: saved" in output, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    steps = checkpoint_steps(out)
+    assert len(steps) == 1 and steps[0] >= 3, steps
+    n = steps[0]
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert not leftovers, leftovers
+    state = json.loads((out / f"checkpoint-{n}" / "trainer_state.json").read_text(encoding="utf-8"))
+    assert state["global_step"] == n
+
+    # the same n steps without interruption: identical losses and adapter
+    ref = run_finetune(model_dir, tokenized, tmp_path / "ref", **dict(params, max_steps=n))
+    assert state["step_losses"] == ref.step_losses
+    saved, final = read_adapter(out / f"checkpoint-{n}"), read_adapter(ref.adapter_dir)
+    assert sorted(saved) == sorted(final)
+    for k in saved:
+        np.testing.assert_array_equal(saved[k], final[k], err_msg=k)

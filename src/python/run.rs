@@ -136,6 +136,7 @@ where
     let rx = Mutex::new(rx);
     let done_rx = Mutex::new(done_rx);
     let mut py_error: Option<PyErr> = None;
+    let mut renderer_failed = false;
     let mut cancelled_at: Option<Instant> = None;
     let outcome = loop {
         let (events, finished) = py.allow_threads(|| {
@@ -162,11 +163,14 @@ where
                 .ok();
             (evs, finished)
         });
-        if py_error.is_none() {
+        // After a Ctrl-C the worker may still report (training announces the checkpoint it
+        // saves): keep rendering, unless the renderer itself is what failed.
+        if !renderer_failed {
             if let Err(e) = deliver(py, &progress, events) {
                 // The renderer failed (or raised KeyboardInterrupt): stop the work.
                 cancel.cancel();
-                py_error = Some(e);
+                renderer_failed = true;
+                py_error.get_or_insert(e);
             }
         }
         if py_error.is_none() {
@@ -185,14 +189,17 @@ where
             }
         }
     };
-    if let Some(e) = py_error {
-        return Err(e);
-    }
     let rest: Vec<Event> = rx
         .lock()
         .expect("only this thread locks it")
         .try_iter()
         .collect();
+    if let Some(e) = py_error {
+        if !renderer_failed {
+            let _ = deliver(py, &progress, rest);
+        }
+        return Err(e);
+    }
     deliver(py, &progress, rest)?;
     match outcome.expect("no error means the worker finished") {
         Ok(Ok(v)) => Ok(v),

@@ -167,9 +167,9 @@ where
         // saves): keep rendering, unless the renderer itself is what failed.
         if !renderer_failed {
             if let Err(e) = deliver(py, &progress, events) {
-                // The renderer failed (or raised KeyboardInterrupt): stop the work.
+                // The renderer failed (or a Ctrl-C landed while it ran): stop the work.
                 cancel.cancel();
-                renderer_failed = true;
+                renderer_failed = !e.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py);
                 py_error.get_or_insert(e);
             }
         }

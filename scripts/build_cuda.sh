@@ -135,6 +135,9 @@ if ! readelf -d "$SO" | grep -q 'libcuda.so.1'; then
   echo "error: the extension does not link libcuda.so.1; was the cuda feature on?" >&2
   exit 1
 fi
+# The linker keeps only the libraries whose symbols are used (--as-needed).
+CUDA_NEEDED=$(readelf -d "$SO" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' \
+  | grep -E '^lib(cuda|cudart|cublas|cublasLt|curand|nvrtc)\.so' | tr '\n' ' ')
 
 cat <<EOF
 
@@ -147,8 +150,10 @@ CUDA wheel: $OUTWHL ($(du -h "$OUTWHL" | cut -f1))
 Run-time requirements on the GPU machine:
   * NVIDIA driver R580 or newer (provides libcuda.so.1; CUDA 13.0 PTX is JIT-compiled by it).
     Without libcuda.so.1 'import ferrotune' fails: the extension links the driver directly.
-  * CUDA 13 runtime libraries libcudart.so.13, libcublas.so.13, libcublasLt.so.13,
-    libcurand.so.10, libnvrtc.so.13 -- easiest from PyPI, in the same environment:
+  * The CUDA libraries the extension links: ${CUDA_NEEDED}
+    (libcublas.so.13 pulls in libcublasLt.so.13). libcuda.so.1 is the driver's; the CUDA 13
+    libraries come easiest from PyPI, in the same environment as the wheel (runtime and
+    nvrtc are not linked today; installing them is harmless and covers future use):
         pip install "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-nvrtc==13.0.*" \\
                     "nvidia-cublas>=13.0,<14" "nvidia-curand>=10.4,<11"
         pip install $(basename "$OUTWHL")

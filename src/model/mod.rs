@@ -20,13 +20,12 @@ use crate::error::{Error, Result};
 pub fn device(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
-        "auto" => {
-            if candle_core::utils::cuda_is_available() {
-                Ok(Device::new_cuda(0)?)
-            } else {
-                Ok(Device::Cpu)
-            }
-        }
+        // A CUDA build reports CUDA as available even on a machine without a GPU: fall
+        // back to the CPU when the device cannot be opened.
+        "auto" => Ok(candle_core::utils::cuda_is_available()
+            .then(|| Device::new_cuda(0).ok())
+            .flatten()
+            .unwrap_or(Device::Cpu)),
         s if s == "cuda" || s.starts_with("cuda:") => {
             if !candle_core::utils::cuda_is_available() {
                 return Err(Error::InvalidArgument(format!(
@@ -37,7 +36,9 @@ pub fn device(name: &str) -> Result<Device> {
                 o.parse::<usize>()
                     .map_err(|_| Error::InvalidArgument(format!("bad device '{s}'")))
             })?;
-            Ok(Device::new_cuda(ordinal)?)
+            Device::new_cuda(ordinal).map_err(|e| {
+                Error::InvalidArgument(format!("device '{s}': no usable CUDA GPU ({e})"))
+            })
         }
         other => Err(Error::InvalidArgument(format!(
             "unknown device '{other}'; use 'auto', 'cpu' or 'cuda'"

@@ -18,6 +18,8 @@ pub mod tokenizer;
 pub mod word_split;
 
 pub use conversation::{DropReason, Message};
-pub use dataset::{count_records, tokenize_dataset, PackMode, TokenizeOptions, TokenizeStats, DEFAULT_PACK_WINDOW};
+pub use dataset::{
+    count_records, tokenize_dataset, PackMode, TokenizeOptions, TokenizeStats, DEFAULT_PACK_WINDOW,
+};
 pub use output::TokenizedRows;
 pub use tokenizer::{ChatTokenizer, EncodedChat, TrainOn};

@@ -87,7 +87,9 @@ impl Phi3Config {
         }
         if let Some(act) = &raw.hidden_act {
             if act != "silu" {
-                return Err(bad(format!("hidden_act '{act}' is not supported (Phi-3 uses silu)")));
+                return Err(bad(format!(
+                    "hidden_act '{act}' is not supported (Phi-3 uses silu)"
+                )));
             }
         }
         if raw.partial_rotary_factor.is_some_and(|f| f != 1.0) {
@@ -98,21 +100,27 @@ impl Phi3Config {
             return Err(bad("sizes must be positive".into()));
         }
         let kv_heads = raw.num_key_value_heads.unwrap_or(heads);
-        if kv_heads == 0 || heads % kv_heads != 0 {
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(bad(format!(
                 "num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})"
             )));
         }
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / heads);
-        if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(bad(format!("head_dim {head_dim} must be even and positive")));
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(bad(format!(
+                "head_dim {head_dim} must be even and positive"
+            )));
         }
         // transformers 5 moved rope settings into `rope_parameters`; older files have
         // `rope_theta` + `rope_scaling`. Accept both.
         let params = raw.rope_parameters.as_ref();
         let rope_theta = raw
             .rope_theta
-            .or_else(|| params.and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()))
+            .or_else(|| {
+                params
+                    .and_then(|p| p.get("rope_theta"))
+                    .and_then(|v| v.as_f64())
+            })
             .unwrap_or(10_000.0);
         let scaling = raw
             .rope_scaling
@@ -132,8 +140,8 @@ impl Phi3Config {
                     "longrope" | "su" => Some(parse_longrope(&s, &raw, head_dim).map_err(bad)?),
                     other => {
                         return Err(bad(format!(
-                            "rope scaling type '{other}' is not supported (default and longrope are)"
-                        )))
+                        "rope scaling type '{other}' is not supported (default and longrope are)"
+                    )))
                     }
                 }
             }
@@ -180,7 +188,9 @@ impl Phi3Config {
             .map(|i| {
                 let base = 1.0 / self.rope_theta.powf((2 * i) as f64 / dim as f64);
                 match &self.longrope {
-                    Some(lr) if len > lr.original_max_position_embeddings => base / lr.long_factor[i],
+                    Some(lr) if len > lr.original_max_position_embeddings => {
+                        base / lr.long_factor[i]
+                    }
                     Some(lr) => base / lr.short_factor[i],
                     None => base,
                 }

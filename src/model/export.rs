@@ -16,14 +16,26 @@ fn tensor_bytes(t: &Tensor) -> Result<(StDtype, Vec<usize>, Vec<u8>)> {
     let t = t.to_device(&candle_core::Device::Cpu)?.flatten_all()?;
     let shape = t.dims().to_vec();
     let (dtype, bytes) = match t.dtype() {
-        DType::F32 => (StDtype::F32, t.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        DType::F32 => (
+            StDtype::F32,
+            t.to_vec1::<f32>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
         DType::BF16 => (
             StDtype::BF16,
-            t.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(),
+            t.to_vec1::<half::bf16>()?
+                .iter()
+                .flat_map(|v| v.to_bits().to_le_bytes())
+                .collect(),
         ),
         DType::F16 => (
             StDtype::F16,
-            t.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(),
+            t.to_vec1::<half::f16>()?
+                .iter()
+                .flat_map(|v| v.to_bits().to_le_bytes())
+                .collect(),
         ),
         other => return Err(Error::Model(format!("cannot export a {other:?} tensor"))),
     };
@@ -41,7 +53,9 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
     let views: Vec<(String, TensorView<'_>)> = owned
         .iter()
         .map(|(n, d, s, b)| {
-            TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)).map_err(|e| Error::Model(e.to_string()))
+            TensorView::new(*d, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::Model(e.to_string()))
         })
         .collect::<Result<_>>()?;
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
@@ -67,7 +81,11 @@ impl PendingDir {
         let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("out");
         let tmp = parent.join(format!(".{name}.{}.tmp", crate::hub::cache::random_hex8()));
         std::fs::create_dir_all(&tmp).at(&tmp)?;
-        Ok(Self { tmp, dest: dest.to_path_buf(), done: false })
+        Ok(Self {
+            tmp,
+            dest: dest.to_path_buf(),
+            done: false,
+        })
     }
 
     pub fn commit(mut self) -> Result<PathBuf> {
@@ -125,23 +143,40 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::Model(format!("{}: not valid JSON ({e})", path.display())))?;
     let bad = |m: &str| Error::Model(format!("{}: {m}", path.display()));
-    if v.get("peft_type").and_then(|t| t.as_str()).is_some_and(|t| t != "LORA") {
+    if v.get("peft_type")
+        .and_then(|t| t.as_str())
+        .is_some_and(|t| t != "LORA")
+    {
         return Err(bad("not a LoRA adapter (peft_type is not LORA)"));
     }
     if v.get("use_dora").and_then(|t| t.as_bool()) == Some(true) {
         return Err(bad("DoRA adapters are not supported"));
     }
     let targets = match v.get("target_modules") {
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|s| s.as_str().map(String::from)).collect(),
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|s| s.as_str().map(String::from))
+            .collect(),
         Some(serde_json::Value::String(s)) => vec![s.clone()],
         _ => return Err(bad("target_modules is missing")),
     };
     Ok(LoraConfig {
-        r: v.get("r").and_then(|r| r.as_u64()).ok_or_else(|| bad("r is missing"))? as usize,
-        alpha: v.get("lora_alpha").and_then(|r| r.as_f64()).ok_or_else(|| bad("lora_alpha is missing"))?,
-        dropout: v.get("lora_dropout").and_then(|r| r.as_f64()).unwrap_or(0.0),
+        r: v.get("r")
+            .and_then(|r| r.as_u64())
+            .ok_or_else(|| bad("r is missing"))? as usize,
+        alpha: v
+            .get("lora_alpha")
+            .and_then(|r| r.as_f64())
+            .ok_or_else(|| bad("lora_alpha is missing"))?,
+        dropout: v
+            .get("lora_dropout")
+            .and_then(|r| r.as_f64())
+            .unwrap_or(0.0),
         target_modules: targets,
-        use_rslora: v.get("use_rslora").and_then(|r| r.as_bool()).unwrap_or(false),
+        use_rslora: v
+            .get("use_rslora")
+            .and_then(|r| r.as_bool())
+            .unwrap_or(false),
     })
 }
 
@@ -158,7 +193,8 @@ impl Phi3 {
     /// with `complete` every adapter tensor must be given.
     pub fn set_lora_state(&self, state: &HashMap<String, Tensor>, complete: bool) -> Result<()> {
         let params = self.lora_params();
-        let known: HashMap<&str, &candle_core::Var> = params.iter().map(|(n, v)| (n.as_str(), *v)).collect();
+        let known: HashMap<&str, &candle_core::Var> =
+            params.iter().map(|(n, v)| (n.as_str(), *v)).collect();
         for name in state.keys() {
             if !known.contains_key(name.as_str()) {
                 let mut names: Vec<&str> = known.keys().copied().collect();
@@ -180,7 +216,9 @@ impl Phi3 {
                     )))
                 }
                 None if complete => {
-                    return Err(Error::InvalidArgument(format!("adapter tensor '{name}' is missing")))
+                    return Err(Error::InvalidArgument(format!(
+                        "adapter tensor '{name}' is missing"
+                    )))
                 }
                 _ => {}
             }
@@ -213,13 +251,18 @@ impl Phi3 {
         }
         let path = dir.join("adapter_model.safetensors");
         if !path.is_file() {
-            return Err(Error::Model(format!("{}: missing (ferrotune reads safetensors adapters)", path.display())));
+            return Err(Error::Model(format!(
+                "{}: missing (ferrotune reads safetensors adapters)",
+                path.display()
+            )));
         }
         let raw = candle_core::safetensors::load(&path, self.device())
             .map_err(|e| Error::Model(format!("{}: cannot read ({e})", path.display())))?;
         // PEFT sometimes saves "...lora_A.default.weight"; normalise to the saved form.
-        let state: HashMap<String, Tensor> =
-            raw.into_iter().map(|(k, v)| (k.replace(".default.weight", ".weight"), v)).collect();
+        let state: HashMap<String, Tensor> = raw
+            .into_iter()
+            .map(|(k, v)| (k.replace(".default.weight", ".weight"), v))
+            .collect();
         self.set_lora_state(&state, true)
     }
 
@@ -246,11 +289,19 @@ impl Phi3 {
         let src = Weights::open(&self.folder)?;
         let mut deltas: HashMap<String, &super::lora::Lora> = HashMap::new();
         for (l, module, _, lora) in self.adapters() {
-            let block = if module == "qkv_proj" || module == "o_proj" { "self_attn" } else { "mlp" };
+            let block = if module == "qkv_proj" || module == "o_proj" {
+                "self_attn"
+            } else {
+                "mlp"
+            };
             deltas.insert(format!("model.layers.{l}.{block}.{module}.weight"), lora);
         }
         let cpu = candle_core::Device::Cpu;
-        let task = ctx.task("merge LoRA into the weights", Some(src.files().len() as u64), "files");
+        let task = ctx.task(
+            "merge LoRA into the weights",
+            Some(src.files().len() as u64),
+            "files",
+        );
         for file in src.files() {
             ctx.cancel().check()?;
             let tensors = candle_core::safetensors::load(file, &cpu)
@@ -260,7 +311,8 @@ impl Phi3 {
                 let t = match deltas.get(&name) {
                     Some(lora) => {
                         let stored = t.dtype();
-                        (t.to_dtype(DType::F32)? + lora.delta()?.to_device(&cpu)?)?.to_dtype(stored)?
+                        (t.to_dtype(DType::F32)? + lora.delta()?.to_device(&cpu)?)?
+                            .to_dtype(stored)?
                     }
                     None => t,
                 };
@@ -271,7 +323,10 @@ impl Phi3 {
             write_safetensors(&pending.tmp.join(name), &out)?;
             task.advance(1);
         }
-        for side in SIDE_FILES.iter().chain(["model.safetensors.index.json"].iter()) {
+        for side in SIDE_FILES
+            .iter()
+            .chain(["model.safetensors.index.json"].iter())
+        {
             let from = self.folder.join(side);
             let from = if from.is_file() {
                 from

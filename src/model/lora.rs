@@ -44,7 +44,10 @@ impl LoraConfig {
             return bad(format!("lora_alpha must be positive, got {}", self.alpha));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return bad(format!("lora_dropout must be in [0, 1), got {}", self.dropout));
+            return bad(format!(
+                "lora_dropout must be in [0, 1), got {}",
+                self.dropout
+            ));
         }
         if self.target_modules.is_empty() {
             return bad("target_modules is empty; LoRA needs at least one module".into());
@@ -82,7 +85,14 @@ pub struct Lora {
 
 impl Lora {
     /// PEFT's initialisation: A ~ kaiming-uniform(a=√5) = U(±1/√in), B = 0.
-    pub fn init(r: usize, out: usize, inp: usize, cfg: &LoraConfig, rng: &mut ChaCha8Rng, device: &Device) -> CResult<Self> {
+    pub fn init(
+        r: usize,
+        out: usize,
+        inp: usize,
+        cfg: &LoraConfig,
+        rng: &mut ChaCha8Rng,
+        device: &Device,
+    ) -> CResult<Self> {
         let bound = 1.0 / (inp as f64).sqrt();
         let a: Vec<f32> = (0..r * inp)
             .map(|_| rng.random_range(-bound..bound) as f32)

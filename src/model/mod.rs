@@ -51,7 +51,11 @@ pub fn device(name: &str) -> Result<Device> {
 pub fn base_dtype(device: &Device, precision: &str) -> Result<DType> {
     match precision {
         "32" | "fp32" | "f32" => Ok(DType::F32),
-        "16" | "bf16" | "bfloat16" => Ok(if device.is_cuda() { DType::BF16 } else { DType::F32 }),
+        "16" | "bf16" | "bfloat16" => Ok(if device.is_cuda() {
+            DType::BF16
+        } else {
+            DType::F32
+        }),
         other => Err(Error::InvalidArgument(format!(
             "precision must be \"32\" or \"16\"/\"bf16\", got {other:?}"
         ))),

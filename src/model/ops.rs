@@ -96,7 +96,9 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     attach(x, y, "rms-norm", move |x, _, g| {
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
-        let gw = g.to_dtype(DType::F32)?.broadcast_mul(&w.to_dtype(DType::F32)?)?;
+        let gw = g
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&w.to_dtype(DType::F32)?)?;
         let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.powf(-0.5)?;
         let dot = (&gw * &x)?.mean_keepdim(D::Minus1)?;
         let dx = (gw.broadcast_mul(&r)? - x.broadcast_mul(&(r.powf(3.0)? * dot)?)?)?;
@@ -213,11 +215,16 @@ mod tests {
         fast: impl Fn(&Tensor) -> Result<Tensor>,
         slow: impl Fn(&Tensor) -> Result<Tensor>,
     ) -> (Tensor, Tensor, Tensor, Tensor) {
-        let probe = randn(&fast(x).unwrap().dims().to_vec(), 99);
+        let probe = randn(fast(x).unwrap().dims(), 99);
         let run = |f: &dyn Fn(&Tensor) -> Result<Tensor>| {
             let v = Var::from_tensor(x).unwrap();
             let y = f(v.as_tensor()).unwrap();
-            let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let g = (&y * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             (y.detach(), g.get(v.as_tensor()).unwrap().clone())
         };
         let (yf, gf) = run(&fast);
@@ -290,9 +297,13 @@ mod tests {
         let slow = |h: &Tensor| -> Result<Tensor> {
             let logits = h.matmul(&w.t()?)?;
             let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-            (lsm.gather(&t.unsqueeze(1)?, 1)?.sum_all()? * -0.5)
+            lsm.gather(&t.unsqueeze(1)?, 1)?.sum_all()? * -0.5
         };
-        let (yf, ys, gf, gs) = grads(&h, |h| Ok(linear_cross_entropy(h, &w, &t, 0.5, true)?.0), slow);
+        let (yf, ys, gf, gs) = grads(
+            &h,
+            |h| Ok(linear_cross_entropy(h, &w, &t, 0.5, true)?.0),
+            slow,
+        );
         assert!(max_diff(&yf, &ys) < 1e-5);
         assert!(max_diff(&gf, &gs) < 1e-6);
     }

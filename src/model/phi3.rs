@@ -76,7 +76,8 @@ pub struct Phi3 {
 
 fn seed_mix(seed: u64, a: u64, b: u64) -> u64 {
     // splitmix64 over the three parts: distinct, well-spread seeds per (layer, module).
-    let mut z = seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let mut z =
+        seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -107,7 +108,9 @@ impl Phi3 {
                 let (out, inp) = cfg.linear_shape(module).expect("known module");
                 let weight = get(&format!("{p}{block}.{module}.weight"), &[out, inp])?;
                 let lora = if lora_cfg.target_modules.iter().any(|m| m == module) {
-                    Some(Lora::init(lora_cfg.r, out, inp, &lora_cfg, &mut rng, device)?)
+                    Some(Lora::init(
+                        lora_cfg.r, out, inp, &lora_cfg, &mut rng, device,
+                    )?)
                 } else {
                     None
                 };
@@ -195,17 +198,29 @@ impl Phi3 {
 
     /// Builds a batch. `labels` (same length as `ids`, -100 = no loss) is needed for loss
     /// computations; `seq_lengths` (summing to `ids.len()`) splits `ids` into conversations.
-    pub fn batch(&self, ids: &[u32], labels: Option<&[i32]>, seq_lengths: &[usize]) -> Result<Batch> {
+    pub fn batch(
+        &self,
+        ids: &[u32],
+        labels: Option<&[i32]>,
+        seq_lengths: &[usize],
+    ) -> Result<Batch> {
         let n = ids.len();
         let bad = |m: String| Err(Error::InvalidArgument(m));
         if seq_lengths.iter().sum::<usize>() != n || seq_lengths.contains(&0) {
             return bad(format!(
                 "seq_lengths {:?} must be positive and sum to the number of tokens ({n})",
-                if seq_lengths.len() > 8 { &seq_lengths[..8] } else { seq_lengths }
+                if seq_lengths.len() > 8 {
+                    &seq_lengths[..8]
+                } else {
+                    seq_lengths
+                }
             ));
         }
         if let Some(&t) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            return bad(format!("token id {t} is outside the model's vocabulary ({})", self.cfg.vocab_size));
+            return bad(format!(
+                "token id {t} is outside the model's vocabulary ({})",
+                self.cfg.vocab_size
+            ));
         }
         if let Some(l) = labels {
             if l.len() != n {
@@ -220,7 +235,11 @@ impl Phi3 {
         let mut freqs: HashMap<bool, Vec<f32>> = HashMap::new();
         let mut start = 0;
         for &len in seq_lengths {
-            let long = self.cfg.longrope.as_ref().is_some_and(|l| len > l.original_max_position_embeddings);
+            let long = self
+                .cfg
+                .longrope
+                .as_ref()
+                .is_some_and(|l| len > l.original_max_position_embeddings);
             let inv = freqs.entry(long).or_insert_with(|| self.inv_freq_f32(len));
             for p in 0..len {
                 for &f in inv.iter() {
@@ -238,8 +257,8 @@ impl Phi3 {
         let sin = Tensor::from_vec(sin, (n, half), dev)?.to_dtype(self.dtype)?;
         let mut masks = HashMap::new();
         for &(_, len) in &segments {
-            if !masks.contains_key(&len) {
-                masks.insert(len, self.mask(len)?);
+            if let std::collections::hash_map::Entry::Vacant(e) = masks.entry(len) {
+                e.insert(self.mask(len)?);
             }
         }
         let (mut pos, mut tgt) = (Vec::new(), Vec::new());
@@ -251,7 +270,10 @@ impl Phi3 {
                         continue;
                     }
                     if y < 0 || y as usize >= self.cfg.vocab_size {
-                        return bad(format!("label {y} at position {} is not a token id nor -100", t + 1));
+                        return bad(format!(
+                            "label {y} at position {} is not a token id nor -100",
+                            t + 1
+                        ));
                     }
                     pos.push(t as u32);
                     tgt.push(y as u32);
@@ -321,7 +343,14 @@ impl Phi3 {
     }
 
     /// One decoder layer. `grad` false runs without a graph (LoRA weights detached).
-    fn layer(&self, l: usize, x: &Tensor, b: &Batch, grad: bool, seed: Option<u64>) -> CResult<Tensor> {
+    fn layer(
+        &self,
+        l: usize,
+        x: &Tensor,
+        b: &Batch,
+        grad: bool,
+        seed: Option<u64>,
+    ) -> CResult<Tensor> {
         let layer = &self.layers[l];
         let cfg = &self.cfg;
         let eps = cfg.rms_norm_eps;
@@ -430,7 +459,11 @@ impl Phi3 {
         let mut x = self.embed(b)?;
         for l in 0..n_layers {
             // Layer 0's input is the frozen embedding: it needs no gradient.
-            let leaf = if l == 0 { None } else { Some(Var::from_tensor(&x)?) };
+            let leaf = if l == 0 {
+                None
+            } else {
+                Some(Var::from_tensor(&x)?)
+            };
             let input = leaf.as_ref().map_or(&x, |v| v.as_tensor());
             if recompute {
                 let out = self.layer(l, input, b, false, dropout_seed)?;
@@ -443,17 +476,22 @@ impl Phi3 {
                 outputs.push(out);
             }
         }
-        let first_input = if recompute { Some(self.embed(b)?) } else { None };
+        let first_input = if recompute {
+            Some(self.embed(b)?)
+        } else {
+            None
+        };
         let top = Var::from_tensor(&x)?;
-        let h = ops::rms_norm(top.as_tensor(), &self.norm, self.cfg.rms_norm_eps)?.index_select(pos, 0)?;
+        let h = ops::rms_norm(top.as_tensor(), &self.norm, self.cfg.rms_norm_eps)?
+            .index_select(pos, 0)?;
         let (loss, raw) = ops::linear_cross_entropy(&h, &self.lm_head, tgt, scale, true)?;
         if !raw.is_finite() {
             return Ok(raw);
         }
         let mut store = loss.backward()?;
-        let mut g = store
-            .remove(top.as_tensor())
-            .ok_or_else(|| Error::Training("internal: no gradient reached the last layer".into()))?;
+        let mut g = store.remove(top.as_tensor()).ok_or_else(|| {
+            Error::Training("internal: no gradient reached the last layer".into())
+        })?;
         drop(store);
         let offsets: Vec<usize> = (0..n_layers)
             .scan(0, |acc, l| {
@@ -483,10 +521,9 @@ impl Phi3 {
                 }
             }
             if let Some(v) = &inputs[l] {
-                g = store
-                    .get(v.as_tensor())
-                    .cloned()
-                    .ok_or_else(|| Error::Training(format!("internal: no gradient reached layer {l}")))?;
+                g = store.get(v.as_tensor()).cloned().ok_or_else(|| {
+                    Error::Training(format!("internal: no gradient reached layer {l}"))
+                })?;
             }
         }
         Ok(raw)
@@ -503,7 +540,12 @@ impl Linear {
                 let dtype = x.dtype();
                 let mut xf = x.to_dtype(DType::F32)?;
                 if let (Some(seed), true) = (dropout_seed, l.dropout > 0.0) {
-                    xf = xf.broadcast_mul(&super::lora::dropout_mask(xf.dims(), l.dropout, seed, xf.device())?)?;
+                    xf = xf.broadcast_mul(&super::lora::dropout_mask(
+                        xf.dims(),
+                        l.dropout,
+                        seed,
+                        xf.device(),
+                    )?)?;
                 }
                 let d = xf
                     .matmul(&l.a.as_detached_tensor().t()?)?

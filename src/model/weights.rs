@@ -77,7 +77,10 @@ pub fn resolve_model(
         }
         Err(e) => return Err(e),
     }
-    Ok(config.parent().expect("snapshot file has a parent").to_path_buf())
+    Ok(config
+        .parent()
+        .expect("snapshot file has a parent")
+        .to_path_buf())
 }
 
 fn shard_names(index: &Path) -> Result<BTreeSet<String>> {
@@ -168,7 +171,13 @@ impl Weights {
     }
 
     /// Loads `name`, checks its shape and converts it to `dtype` on `device`.
-    pub fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn get(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let view = self.st.get(name).map_err(|_| {
             Error::Model(format!(
                 "{}: weight '{name}' is missing (is this a Phi-3 checkpoint?)",
@@ -185,7 +194,9 @@ impl Weights {
         let t = view
             .load(device)
             .and_then(|t| t.to_dtype(dtype))
-            .map_err(|e| Error::Model(format!("{}: weight '{name}': {e}", self.folder.display())))?;
+            .map_err(|e| {
+                Error::Model(format!("{}: weight '{name}': {e}", self.folder.display()))
+            })?;
         Ok(t)
     }
 

@@ -30,7 +30,10 @@ fn int_vec(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<i64>> {
     let np = py.import("numpy")?;
     let arr = np.call_method1("ascontiguousarray", (obj, "int64"))?;
     let arr = arr.downcast::<PyArray1<i64>>().map_err(|_| {
-        to_pyerr(py, Error::InvalidArgument(format!("{what} must be a 1-D sequence of integers")))
+        to_pyerr(
+            py,
+            Error::InvalidArgument(format!("{what} must be a 1-D sequence of integers")),
+        )
     })?;
     Ok(arr.readonly().as_slice()?.to_vec())
 }
@@ -38,7 +41,9 @@ fn int_vec(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<i64>> {
 fn ids_vec(ids: &[i64]) -> Result<Vec<u32>> {
     ids.iter()
         .map(|&t| {
-            u32::try_from(t).map_err(|_| Error::InvalidArgument(format!("token id {t} is negative or too large")))
+            u32::try_from(t).map_err(|_| {
+                Error::InvalidArgument(format!("token id {t} is negative or too large"))
+            })
         })
         .collect()
 }
@@ -46,7 +51,10 @@ fn ids_vec(ids: &[i64]) -> Result<Vec<u32>> {
 fn to_numpy<'py>(py: Python<'py>, t: &Tensor) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     let dims = t.dims().to_vec();
     let v = (|| -> candle_core::Result<Vec<f32>> {
-        t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+        t.to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()
     })()
     .map_err(|e| to_pyerr(py, e.into()))?;
     PyArray1::from_vec(py, v).reshape(dims)
@@ -85,7 +93,8 @@ impl PyLoraModel {
                 r: lora_r,
                 alpha: lora_alpha,
                 dropout: lora_dropout,
-                target_modules: target_modules.unwrap_or_else(|| model::TARGETS.iter().map(|s| s.to_string()).collect()),
+                target_modules: target_modules
+                    .unwrap_or_else(|| model::TARGETS.iter().map(|s| s.to_string()).collect()),
                 use_rslora,
             };
             if let Some(a) = &adapter {
@@ -93,7 +102,8 @@ impl PyLoraModel {
             }
             let dev = model::device(&device)?;
             let dtype = model::base_dtype(&dev, &precision)?;
-            let folder = model::weights::resolve_model(&model, "main", || HubClient::from_env(token), ctx)?;
+            let folder =
+                model::weights::resolve_model(&model, "main", || HubClient::from_env(token), ctx)?;
             let m = Phi3::load(&folder, lora, seed, &dev, dtype)?;
             if let Some(a) = &adapter {
                 m.load_adapter(a)?;
@@ -107,12 +117,18 @@ impl PyLoraModel {
     #[getter]
     fn config(&self, py: Python<'_>) -> PyResult<PyObject> {
         let json = py.import("json")?;
-        Ok(json.call_method1("loads", (self.inner.cfg.raw.to_string(),))?.unbind())
+        Ok(json
+            .call_method1("loads", (self.inner.cfg.raw.to_string(),))?
+            .unbind())
     }
 
     /// PEFT names of the adapter tensors, in a fixed order.
     fn lora_names(&self) -> Vec<String> {
-        self.inner.lora_params().into_iter().map(|(n, _)| n).collect()
+        self.inner
+            .lora_params()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect()
     }
 
     /// The adapter tensors by PEFT name (float32 numpy arrays; A is (r, in), B (out, r)).
@@ -132,7 +148,10 @@ impl PyLoraModel {
         for (name, obj) in state {
             let arr = np.call_method1("ascontiguousarray", (obj, "float32"))?;
             let arr = arr.downcast::<PyArrayDyn<f32>>().map_err(|_| {
-                to_pyerr(py, Error::InvalidArgument(format!("adapter tensor '{name}' is not a float array")))
+                to_pyerr(
+                    py,
+                    Error::InvalidArgument(format!("adapter tensor '{name}' is not a float array")),
+                )
             })?;
             let arr: PyReadonlyArrayDyn<'_, f32> = arr.readonly();
             let shape = arr.shape().to_vec();
@@ -140,7 +159,9 @@ impl PyLoraModel {
             let t = Tensor::from_vec(v, shape, &dev).map_err(|e| to_pyerr(py, e.into()))?;
             tensors.insert(name, t);
         }
-        self.inner.set_lora_state(&tensors, true).map_err(|e| to_pyerr(py, e))
+        self.inner
+            .set_lora_state(&tensors, true)
+            .map_err(|e| to_pyerr(py, e))
     }
 
     /// Logits (tokens, vocab) float32 for flat `input_ids`, split into conversations by
@@ -183,7 +204,9 @@ impl PyLoraModel {
             let b = m.batch(&ids, Some(&labels), &lens)?;
             let n = b.n_targets();
             if n == 0 {
-                return Err(Error::InvalidArgument("no position has a label other than -100".into()));
+                return Err(Error::InvalidArgument(
+                    "no position has a label other than -100".into(),
+                ));
             }
             let mut grads = vec![None; m.lora_params().len()];
             let sum = m.forward_backward(&b, 1.0 / n as f64, recompute, None, &mut grads)?;
@@ -193,7 +216,10 @@ impl PyLoraModel {
         for ((name, var), g) in self.inner.lora_params().into_iter().zip(grads) {
             let g = match g {
                 Some(g) => g,
-                None => var.as_tensor().zeros_like().map_err(|e| to_pyerr(py, e.into()))?,
+                None => var
+                    .as_tensor()
+                    .zeros_like()
+                    .map_err(|e| to_pyerr(py, e.into()))?,
             };
             d.set_item(name, to_numpy(py, &g)?)?;
         }
@@ -202,24 +228,42 @@ impl PyLoraModel {
 
     /// Writes a PEFT adapter folder.
     #[pyo3(signature = (path, base_model=None))]
-    fn save_adapter(&self, py: Python<'_>, path: PathBuf, base_model: Option<String>) -> PyResult<String> {
+    fn save_adapter(
+        &self,
+        py: Python<'_>,
+        path: PathBuf,
+        base_model: Option<String>,
+    ) -> PyResult<String> {
         let m = self.inner.clone();
         let base = base_model.unwrap_or_else(|| m.folder.display().to_string());
-        run_blocking(py, None, move |_| Ok(m.save_adapter(&path, &base)?.display().to_string()))
+        run_blocking(py, None, move |_| {
+            Ok(m.save_adapter(&path, &base)?.display().to_string())
+        })
     }
 
     /// Writes the merged model as a Hugging Face folder.
     #[pyo3(signature = (path, progress=None))]
-    fn save_merged(&self, py: Python<'_>, path: PathBuf, progress: Option<PyObject>) -> PyResult<String> {
+    fn save_merged(
+        &self,
+        py: Python<'_>,
+        path: PathBuf,
+        progress: Option<PyObject>,
+    ) -> PyResult<String> {
         let m = self.inner.clone();
-        run_blocking(py, progress, move |ctx| Ok(m.save_merged(&path, ctx)?.display().to_string()))
+        run_blocking(py, progress, move |ctx| {
+            Ok(m.save_merged(&path, ctx)?.display().to_string())
+        })
     }
 }
 
 /// Runs a fine-tuning job from a JSON configuration; returns the summary as JSON.
 #[pyfunction]
 #[pyo3(signature = (config_json, progress=None))]
-pub fn finetune(py: Python<'_>, config_json: String, progress: Option<PyObject>) -> PyResult<String> {
+pub fn finetune(
+    py: Python<'_>,
+    config_json: String,
+    progress: Option<PyObject>,
+) -> PyResult<String> {
     let cfg = TrainConfig::from_json(&config_json).map_err(|e| to_pyerr(py, e))?;
     // Ctrl-C saves a checkpoint first: give the worker time to finish writing it.
     run_blocking_with_grace(py, progress, Duration::from_secs(300), move |ctx| {

@@ -50,8 +50,12 @@ pub fn list(output: &Path) -> Vec<(usize, PathBuf)> {
 pub fn read_state(dir: &Path) -> Result<TrainerState> {
     let p = dir.join(STATE);
     let text = std::fs::read_to_string(&p).at(&p)?;
-    serde_json::from_str(&text)
-        .map_err(|e| Error::Training(format!("{}: not a ferrotune trainer state ({e})", p.display())))
+    serde_json::from_str(&text).map_err(|e| {
+        Error::Training(format!(
+            "{}: not a ferrotune trainer state ({e})",
+            p.display()
+        ))
+    })
 }
 
 /// Deletes the oldest checkpoints beyond `limit`, never the newest nor `keep` (the best

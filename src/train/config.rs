@@ -25,25 +25,66 @@ pub enum Resume {
     Path(PathBuf),
 }
 
-fn d_epochs() -> f64 { 1.0 }
-fn d_neg1() -> i64 { -1 }
-fn d_one() -> usize { 1 }
-fn d_lr() -> f64 { 2e-5 }
-fn d_sched() -> String { "linear".into() }
-fn d_b1() -> f64 { 0.9 }
-fn d_b2() -> f64 { 0.999 }
-fn d_eps() -> f64 { 1e-8 }
-fn d_clip() -> f64 { 1.0 }
-fn d_r() -> usize { 8 }
-fn d_alpha() -> f64 { 128.0 }
-fn d_targets() -> Vec<String> { crate::model::TARGETS.iter().map(|s| s.to_string()).collect() }
-fn d_true() -> bool { true }
-fn d_precision() -> String { "32".into() }
-fn d_seed() -> u64 { 42 }
-fn d_log() -> usize { 10 }
-fn d_epoch() -> Strategy { Strategy::Epoch }
-fn d_auto() -> String { "auto".into() }
-fn d_split() -> f64 { 0.2 }
+fn d_epochs() -> f64 {
+    1.0
+}
+fn d_neg1() -> i64 {
+    -1
+}
+fn d_one() -> usize {
+    1
+}
+fn d_lr() -> f64 {
+    2e-5
+}
+fn d_sched() -> String {
+    "linear".into()
+}
+fn d_b1() -> f64 {
+    0.9
+}
+fn d_b2() -> f64 {
+    0.999
+}
+fn d_eps() -> f64 {
+    1e-8
+}
+fn d_clip() -> f64 {
+    1.0
+}
+fn d_r() -> usize {
+    8
+}
+fn d_alpha() -> f64 {
+    128.0
+}
+fn d_targets() -> Vec<String> {
+    crate::model::TARGETS
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+fn d_true() -> bool {
+    true
+}
+fn d_precision() -> String {
+    "32".into()
+}
+fn d_seed() -> u64 {
+    42
+}
+fn d_log() -> usize {
+    10
+}
+fn d_epoch() -> Strategy {
+    Strategy::Epoch
+}
+fn d_auto() -> String {
+    "auto".into()
+}
+fn d_split() -> f64 {
+    0.2
+}
 
 /// Everything `finetune` takes. Unknown keys are an error (the Python layer has already
 /// turned notebook-only keys into notes).
@@ -145,7 +186,9 @@ impl TrainConfig {
             if v.is_finite() && v > 0.0 {
                 Ok(())
             } else {
-                Err(Error::InvalidArgument(format!("{name} must be positive, got {v}")))
+                Err(Error::InvalidArgument(format!(
+                    "{name} must be positive, got {v}"
+                )))
             }
         };
         pos("learning_rate", self.learning_rate)?;
@@ -153,9 +196,18 @@ impl TrainConfig {
             pos("num_train_epochs", self.num_train_epochs)?;
         }
         for (name, v) in [
-            ("per_device_train_batch_size", self.per_device_train_batch_size),
-            ("per_device_eval_batch_size", self.per_device_eval_batch_size),
-            ("gradient_accumulation_steps", self.gradient_accumulation_steps),
+            (
+                "per_device_train_batch_size",
+                self.per_device_train_batch_size,
+            ),
+            (
+                "per_device_eval_batch_size",
+                self.per_device_eval_batch_size,
+            ),
+            (
+                "gradient_accumulation_steps",
+                self.gradient_accumulation_steps,
+            ),
             ("logging_steps", self.logging_steps),
         ] {
             if v == 0 {
@@ -168,23 +220,38 @@ impl TrainConfig {
                 self.adam_beta1, self.adam_beta2
             ));
         }
-        if !(self.adam_epsilon > 0.0) {
-            return bad(format!("adam_epsilon must be positive, got {}", self.adam_epsilon));
+        if self.adam_epsilon.is_nan() || self.adam_epsilon <= 0.0 {
+            return bad(format!(
+                "adam_epsilon must be positive, got {}",
+                self.adam_epsilon
+            ));
         }
-        if !(self.weight_decay >= 0.0) {
-            return bad(format!("weight_decay must be >= 0, got {}", self.weight_decay));
+        if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
+            return bad(format!(
+                "weight_decay must be >= 0, got {}",
+                self.weight_decay
+            ));
         }
         if !(0.0..1.0).contains(&self.warmup_ratio) {
-            return bad(format!("warmup_ratio must be in [0, 1), got {}", self.warmup_ratio));
+            return bad(format!(
+                "warmup_ratio must be in [0, 1), got {}",
+                self.warmup_ratio
+            ));
         }
         if !(self.validation_split > 0.0 && self.validation_split < 1.0) {
-            return bad(format!("validation_split must be in (0, 1), got {}", self.validation_split));
+            return bad(format!(
+                "validation_split must be in (0, 1), got {}",
+                self.validation_split
+            ));
         }
         if !self.max_grad_norm.is_finite() {
             return bad("max_grad_norm must be finite (<= 0 turns clipping off)".into());
         }
         if self.max_seq_length == 0 || self.max_seq_length < -1 {
-            return bad(format!("max_seq_length must be -1 (the model's) or positive, got {}", self.max_seq_length));
+            return bad(format!(
+                "max_seq_length must be -1 (the model's) or positive, got {}",
+                self.max_seq_length
+            ));
         }
         super::schedule::Schedule::parse(&self.lr_scheduler_type)?;
         crate::model::base_dtype(&candle_core::Device::Cpu, &self.precision)?;

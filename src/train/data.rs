@@ -21,14 +21,22 @@ pub struct Data {
 
 /// A file ferrotune tokenized (Arrow IPC, or Parquet with an `input_ids` column)?
 fn read_tokenized(path: &Path) -> Result<Option<TokenizedRows>> {
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     if ext != "parquet" && ext != "arrow" {
         return Ok(None);
     }
     match TokenizedRows::read(path) {
         Ok(rows) => Ok(Some(rows)),
         // A Parquet file of conversations: tokenize it.
-        Err(Error::DataFormat { message, .. }) if ext == "parquet" && message.contains("\"input_ids\"") => Ok(None),
+        Err(Error::DataFormat { message, .. })
+            if ext == "parquet" && message.contains("\"input_ids\"") =>
+        {
+            Ok(None)
+        }
         Err(e) => Err(e),
     }
 }
@@ -37,9 +45,17 @@ pub fn prepare(cfg: &TrainConfig, ctx: &Ctx) -> Result<Data> {
     let evaluate = cfg.evaluation_strategy != Strategy::No;
     let out = cfg.output_dir.join("tokenized");
     let mut tokenizer: Option<ChatTokenizer> = None;
-    let mut tokenize = |src: &Path, dest: &str, records: Option<std::ops::Range<u64>>| -> Result<(TokenizedRows, PathBuf)> {
+    let mut tokenize = |src: &Path,
+                        dest: &str,
+                        records: Option<std::ops::Range<u64>>|
+     -> Result<(TokenizedRows, PathBuf)> {
         if tokenizer.is_none() {
-            tokenizer = Some(ChatTokenizer::load(&cfg.model, "main", cfg.token.clone(), ctx)?);
+            tokenizer = Some(ChatTokenizer::load(
+                &cfg.model,
+                "main",
+                cfg.token.clone(),
+                ctx,
+            )?);
         }
         std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
         let dest = out.join(dest);
@@ -47,7 +63,11 @@ pub fn prepare(cfg: &TrainConfig, ctx: &Ctx) -> Result<Data> {
             data_files: vec![src.to_path_buf()],
             output: dest.clone(),
             max_seq_length: (cfg.max_seq_length > 0).then_some(cfg.max_seq_length as usize),
-            mode: if cfg.packing { chat::PackMode::Pack } else { chat::PackMode::Pad },
+            mode: if cfg.packing {
+                chat::PackMode::Pack
+            } else {
+                chat::PackMode::Pad
+            },
             train_on: chat::TrainOn::Assistant,
             strict: false,
             num_threads: None,
@@ -71,7 +91,8 @@ pub fn prepare(cfg: &TrainConfig, ctx: &Ctx) -> Result<Data> {
             if evaluate && cfg.validation_file.is_none() {
                 // Already packed: split whole rows (the last share of rows).
                 let n = rows.num_rows();
-                let n_val = ((n as f64 * cfg.validation_split).round() as usize).clamp(1, n.saturating_sub(1).max(1));
+                let n_val = ((n as f64 * cfg.validation_split).round() as usize)
+                    .clamp(1, n.saturating_sub(1).max(1));
                 let (t, v) = split_rows(&rows, n - n_val.min(n));
                 (t, cfg.train_file.clone(), Some(v))
             } else {
@@ -82,8 +103,9 @@ pub fn prepare(cfg: &TrainConfig, ctx: &Ctx) -> Result<Data> {
             if evaluate && cfg.validation_file.is_none() {
                 // As the Azure ML pipeline: the last `validation_split` of the train
                 // conversations, in file order.
-                let n = chat::count_records(&[cfg.train_file.clone()])?;
-                let n_val = ((n as f64 * cfg.validation_split).round() as u64).clamp(1, n.saturating_sub(1).max(1));
+                let n = chat::count_records(std::slice::from_ref(&cfg.train_file))?;
+                let n_val = ((n as f64 * cfg.validation_split).round() as u64)
+                    .clamp(1, n.saturating_sub(1).max(1));
                 let cut = n - n_val.min(n);
                 let (t, tp) = tokenize(&cfg.train_file, "train.parquet", Some(0..cut))?;
                 let (v, _) = tokenize(&cfg.train_file, "validation.parquet", Some(cut..n))?;
@@ -107,21 +129,37 @@ pub fn prepare(cfg: &TrainConfig, ctx: &Ctx) -> Result<Data> {
             cfg.train_file.display()
         )));
     }
-    Ok(Data { train, validation, train_path })
+    Ok(Data {
+        train,
+        validation,
+        train_path,
+    })
 }
 
 /// Rows `[0, cut)` and `[cut, n)` of `rows`.
 fn split_rows(rows: &TokenizedRows, cut: usize) -> (TokenizedRows, TokenizedRows) {
     let part = |from: usize, to: usize| -> TokenizedRows {
-        let (t0, t1) = (rows.row_offsets[from] as usize, rows.row_offsets[to] as usize);
-        let (s0, s1) = (rows.seq_offsets[from] as usize, rows.seq_offsets[to] as usize);
+        let (t0, t1) = (
+            rows.row_offsets[from] as usize,
+            rows.row_offsets[to] as usize,
+        );
+        let (s0, s1) = (
+            rows.seq_offsets[from] as usize,
+            rows.seq_offsets[to] as usize,
+        );
         TokenizedRows {
             input_ids: rows.input_ids[t0..t1].to_vec(),
             labels: rows.labels[t0..t1].to_vec(),
             position_ids: rows.position_ids[t0..t1].to_vec(),
-            row_offsets: rows.row_offsets[from..=to].iter().map(|o| o - t0 as i64).collect(),
+            row_offsets: rows.row_offsets[from..=to]
+                .iter()
+                .map(|o| o - t0 as i64)
+                .collect(),
             seq_lengths: rows.seq_lengths[s0..s1].to_vec(),
-            seq_offsets: rows.seq_offsets[from..=to].iter().map(|o| o - s0 as i64).collect(),
+            seq_offsets: rows.seq_offsets[from..=to]
+                .iter()
+                .map(|o| o - s0 as i64)
+                .collect(),
             description: rows.description.clone(),
         }
     };
@@ -137,13 +175,24 @@ pub struct Flat {
 
 /// Concatenates rows `idx` of `rows`.
 pub fn gather(rows: &TokenizedRows, idx: &[usize]) -> Flat {
-    let mut f = Flat { ids: Vec::new(), labels: Vec::new(), seq_lengths: Vec::new() };
+    let mut f = Flat {
+        ids: Vec::new(),
+        labels: Vec::new(),
+        seq_lengths: Vec::new(),
+    };
     for &r in idx {
-        let (a, b) = (rows.row_offsets[r] as usize, rows.row_offsets[r + 1] as usize);
+        let (a, b) = (
+            rows.row_offsets[r] as usize,
+            rows.row_offsets[r + 1] as usize,
+        );
         f.ids.extend(rows.input_ids[a..b].iter().map(|&t| t as u32));
         f.labels.extend_from_slice(&rows.labels[a..b]);
-        let (s, e) = (rows.seq_offsets[r] as usize, rows.seq_offsets[r + 1] as usize);
-        f.seq_lengths.extend(rows.seq_lengths[s..e].iter().map(|&l| l as usize));
+        let (s, e) = (
+            rows.seq_offsets[r] as usize,
+            rows.seq_offsets[r + 1] as usize,
+        );
+        f.seq_lengths
+            .extend(rows.seq_lengths[s..e].iter().map(|&l| l as usize));
     }
     f
 }
@@ -153,7 +202,9 @@ pub fn gather(rows: &TokenizedRows, idx: &[usize]) -> Flat {
 pub fn epoch_order(n: usize, epoch: usize, seed: u64, shuffle: bool) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
     if shuffle {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5EED);
+        let mut rng = ChaCha8Rng::seed_from_u64(
+            seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5EED,
+        );
         order.shuffle(&mut rng);
     }
     order

@@ -77,13 +77,28 @@ impl AdamW {
 
     /// Restores the moments saved by [`Self::state`] (and the step count).
     pub fn load(&mut self, path: &Path, names: &[String], step: u64) -> Result<()> {
-        let dev = self.exp_avg.first().map(|t| t.device().clone()).unwrap_or(candle_core::Device::Cpu);
-        let mut st: HashMap<String, Tensor> = candle_core::safetensors::load(path, &dev)
-            .map_err(|e| Error::Training(format!("{}: cannot read the optimizer state ({e})", path.display())))?;
+        let dev = self
+            .exp_avg
+            .first()
+            .map(|t| t.device().clone())
+            .unwrap_or(candle_core::Device::Cpu);
+        let mut st: HashMap<String, Tensor> =
+            candle_core::safetensors::load(path, &dev).map_err(|e| {
+                Error::Training(format!(
+                    "{}: cannot read the optimizer state ({e})",
+                    path.display()
+                ))
+            })?;
         for (i, n) in names.iter().enumerate() {
-            for (slot, key) in [(&mut self.exp_avg[i], "exp_avg"), (&mut self.exp_avg_sq[i], "exp_avg_sq")] {
+            for (slot, key) in [
+                (&mut self.exp_avg[i], "exp_avg"),
+                (&mut self.exp_avg_sq[i], "exp_avg_sq"),
+            ] {
                 let t = st.remove(&format!("{n}.{key}")).ok_or_else(|| {
-                    Error::Training(format!("{}: no {key} for {n}; the checkpoint belongs to another run", path.display()))
+                    Error::Training(format!(
+                        "{}: no {key} for {n}; the checkpoint belongs to another run",
+                        path.display()
+                    ))
                 })?;
                 if t.dims() != slot.dims() {
                     return Err(Error::Training(format!(
@@ -106,7 +121,11 @@ impl AdamW {
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     let mut sq = 0f64;
     for g in grads.iter() {
-        let n = g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let n = g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
         sq += n;
     }
     let norm = sq.sqrt();

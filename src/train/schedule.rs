@@ -32,7 +32,13 @@ impl Schedule {
         let warm = || s / w.max(1.0);
         match self {
             Self::Constant => 1.0,
-            Self::ConstantWithWarmup => if step < warmup { warm() } else { 1.0 },
+            Self::ConstantWithWarmup => {
+                if step < warmup {
+                    warm()
+                } else {
+                    1.0
+                }
+            }
             Self::Linear => {
                 if step < warmup {
                     warm()

@@ -51,7 +51,9 @@ struct Plan {
 impl Plan {
     fn new(cfg: &TrainConfig, rows: usize) -> Self {
         let micro_per_epoch = rows.div_ceil(cfg.per_device_train_batch_size);
-        let updates_per_epoch = micro_per_epoch.div_ceil(cfg.gradient_accumulation_steps).max(1);
+        let updates_per_epoch = micro_per_epoch
+            .div_ceil(cfg.gradient_accumulation_steps)
+            .max(1);
         let total_steps = if cfg.max_steps > 0 {
             cfg.max_steps as usize
         } else {
@@ -62,7 +64,13 @@ impl Plan {
         } else {
             (cfg.warmup_ratio * total_steps as f64).ceil() as usize
         };
-        Self { rows, micro_per_epoch, updates_per_epoch, total_steps, warmup }
+        Self {
+            rows,
+            micro_per_epoch,
+            updates_per_epoch,
+            total_steps,
+            warmup,
+        }
     }
 
     fn json(&self, cfg: &TrainConfig) -> serde_json::Value {
@@ -107,7 +115,9 @@ fn evaluate(model: &Phi3, rows: &TokenizedRows, bs: usize, ctx: &Ctx) -> Result<
         count += b.n_targets();
     }
     if count == 0 {
-        return Err(Error::Training("the validation set has no trainable tokens".into()));
+        return Err(Error::Training(
+            "the validation set has no trainable tokens".into(),
+        ));
     }
     Ok(sum / count as f64)
 }
@@ -121,8 +131,17 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         ctx.message("precision 16/bf16 applies on CUDA; on CPU ferrotune trains in float32");
     }
     std::fs::create_dir_all(&cfg.output_dir).at(&cfg.output_dir)?;
-    let folder = model::weights::resolve_model(&cfg.model, "main", || HubClient::from_env(cfg.token.clone()), ctx)?;
-    let Data { train, validation, train_path } = data::prepare(cfg, ctx)?;
+    let folder = model::weights::resolve_model(
+        &cfg.model,
+        "main",
+        || HubClient::from_env(cfg.token.clone()),
+        ctx,
+    )?;
+    let Data {
+        train,
+        validation,
+        train_path,
+    } = data::prepare(cfg, ctx)?;
     let mut lora = cfg.lora();
     if let Some(a) = &cfg.adapter_init {
         let from = model::export::read_adapter_config(a)?;
@@ -174,7 +193,10 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         Some(Resume::Latest(true)) => match checkpoint::list(&cfg.output_dir).pop() {
             Some((_, dir)) => Some(dir),
             None => {
-                ctx.message(&format!("no checkpoint in {} yet: starting from step 0", cfg.output_dir.display()));
+                ctx.message(&format!(
+                    "no checkpoint in {} yet: starting from step 0",
+                    cfg.output_dir.display()
+                ));
                 None
             }
         },
@@ -191,9 +213,17 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
             )));
         }
         model.load_adapter(dir)?;
-        opt.load(&dir.join(checkpoint::OPTIMIZER), &names, saved.global_step as u64)?;
+        opt.load(
+            &dir.join(checkpoint::OPTIMIZER),
+            &names,
+            saved.global_step as u64,
+        )?;
         state = saved;
-        ctx.message(&format!("resuming from {} (step {})", dir.display(), state.global_step));
+        ctx.message(&format!(
+            "resuming from {} (step {})",
+            dir.display(),
+            state.global_step
+        ));
     }
 
     let recompute = cfg.gradient_checkpointing;
@@ -201,14 +231,18 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
     task.advance(state.global_step as u64);
     let started = Instant::now();
     let mut tokens_this_run = 0u64;
-    let (mut log_loss, mut log_steps, mut log_tokens, mut log_t0) = (0.0, 0usize, 0u64, Instant::now());
+    let (mut log_loss, mut log_steps, mut log_tokens, mut log_t0) =
+        (0.0, 0usize, 0u64, Instant::now());
     let mut order_epoch = usize::MAX;
     let mut order = Vec::new();
     let save = |state: &TrainerState, model: &Phi3, opt: &AdamW| -> Result<PathBuf> {
         let dest = checkpoint::checkpoint_dir(&cfg.output_dir, state.global_step);
         let pending = model::export::PendingDir::new(&dest)?;
         model.write_adapter_into(&pending.tmp, &cfg.model)?;
-        model::export::write_safetensors(&pending.tmp.join(checkpoint::OPTIMIZER), &opt.state(&names))?;
+        model::export::write_safetensors(
+            &pending.tmp.join(checkpoint::OPTIMIZER),
+            &opt.state(&names),
+        )?;
         let p = pending.tmp.join(checkpoint::STATE);
         std::fs::write(&p, serde_json::to_string_pretty(state).expect("json")).at(&p)?;
         let dir = pending.commit()?;
@@ -216,7 +250,9 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         Ok(dir)
     };
     let eval_now = |state: &mut TrainerState, model: &Phi3| -> Result<()> {
-        let Some(val) = &validation else { return Ok(()) };
+        let Some(val) = &validation else {
+            return Ok(());
+        };
         let loss = evaluate(model, val, cfg.per_device_eval_batch_size, ctx)?;
         let entry = json!({
             "step": state.global_step,
@@ -238,7 +274,10 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         if ctx.cancel().is_cancelled() {
             if step > 0 {
                 let dir = save(&state, &model, &opt)?;
-                ctx.message(&format!("interrupted: saved {} — resume with resume_from_checkpoint=True", dir.display()));
+                ctx.message(&format!(
+                    "interrupted: saved {} — resume with resume_from_checkpoint=True",
+                    dir.display()
+                ));
             }
             return Err(Error::Cancelled);
         }
@@ -268,7 +307,11 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
                 loss_sum += model.forward_backward(b, scale, recompute, seed, &mut grads)?;
             }
         }
-        let loss = if n_targets > 0 { loss_sum / n_targets as f64 } else { 0.0 };
+        let loss = if n_targets > 0 {
+            loss_sum / n_targets as f64
+        } else {
+            0.0
+        };
         if !loss.is_finite() {
             return Err(Error::Training(format!(
                 "the loss is {loss} at step {} (epoch {:.2}); training stopped. Lower learning_rate (now {}) or check the data; the last checkpoint is intact",
@@ -295,7 +338,10 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
             }
             opt.update(&vars, &g, lr)?;
         } else {
-            ctx.message(&format!("step {}: no trainable tokens in this step's rows; skipped", step + 1));
+            ctx.message(&format!(
+                "step {}: no trainable tokens in this step's rows; skipped",
+                step + 1
+            ));
         }
         state.global_step += 1;
         state.epoch = state.global_step as f64 / plan.updates_per_epoch as f64;
@@ -307,7 +353,7 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         log_tokens += n_tokens as u64;
         task.advance(1);
         let gs = state.global_step;
-        if gs % cfg.logging_steps == 0 || gs == plan.total_steps {
+        if gs.is_multiple_of(cfg.logging_steps) || gs == plan.total_steps {
             let secs = log_t0.elapsed().as_secs_f64().max(1e-9);
             let entry = json!({
                 "step": gs,
@@ -321,13 +367,18 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
             state.log_history.push(entry);
             (log_loss, log_steps, log_tokens, log_t0) = (0.0, 0, 0, Instant::now());
         }
-        let epoch_end = gs % plan.updates_per_epoch == 0 || gs == plan.total_steps;
+        let epoch_end = gs.is_multiple_of(plan.updates_per_epoch) || gs == plan.total_steps;
         let due = |strategy: Strategy, every: Option<usize>| match strategy {
             Strategy::No => false,
             Strategy::Epoch => epoch_end,
-            Strategy::Steps => every.is_some_and(|e| gs % e == 0) || gs == plan.total_steps,
+            Strategy::Steps => {
+                every.is_some_and(|e| gs.is_multiple_of(e)) || gs == plan.total_steps
+            }
         };
-        if due(cfg.evaluation_strategy, cfg.eval_steps.or(Some(cfg.logging_steps))) {
+        if due(
+            cfg.evaluation_strategy,
+            cfg.eval_steps.or(Some(cfg.logging_steps)),
+        ) {
             eval_now(&mut state, &model)?;
         }
         if due(cfg.save_strategy, cfg.save_steps) {
@@ -366,7 +417,11 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
     let _ = train_path;
     let p = cfg.output_dir.join("train_summary.json");
     let pending = crate::data::pending_file::PendingFile::new(p.clone());
-    std::fs::write(&pending.tmp, serde_json::to_string_pretty(&summary).expect("json")).at(&p)?;
+    std::fs::write(
+        &pending.tmp,
+        serde_json::to_string_pretty(&summary).expect("json"),
+    )
+    .at(&p)?;
     pending.commit()?;
     Ok(summary)
 }

@@ -122,16 +122,13 @@ impl TokenizerFiles {
         hub: impl FnOnce() -> HubClient,
         ctx: &Ctx,
     ) -> Result<Self> {
-        let path = Path::new(source);
-        if path.exists() {
-            Self::from_dir(path)
-        } else if source.starts_with('.') || source.starts_with('/') || source.contains('\\') {
-            Err(Error::io(
+        match crate::hub::repo::Source::classify(source) {
+            crate::hub::repo::Source::Local(path) => Self::from_dir(path),
+            crate::hub::repo::Source::MissingPath(path) => Err(Error::io(
                 path,
                 std::io::Error::new(std::io::ErrorKind::NotFound, "no such tokenizer folder"),
-            ))
-        } else {
-            Self::from_hub(&hub(), source, revision, ctx)
+            )),
+            crate::hub::repo::Source::Hub(id) => Self::from_hub(&hub(), id, revision, ctx),
         }
     }
 

@@ -133,3 +133,27 @@ mod tests {
         }
     }
 }
+
+/// What a user's "model or tokenizer" argument names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source<'a> {
+    /// An existing local path.
+    Local(&'a std::path::Path),
+    /// Looks like a path (starts with `.` or `/`, or has a `\`) but does not exist.
+    MissingPath(&'a std::path::Path),
+    /// Anything else: a Hub repo id.
+    Hub(&'a str),
+}
+
+impl<'a> Source<'a> {
+    pub fn classify(source: &'a str) -> Self {
+        let path = std::path::Path::new(source);
+        if path.exists() {
+            Source::Local(path)
+        } else if source.starts_with('.') || source.starts_with('/') || source.contains('\\') {
+            Source::MissingPath(path)
+        } else {
+            Source::Hub(source)
+        }
+    }
+}

@@ -44,18 +44,20 @@ pub fn resolve_model(
     hub: impl FnOnce() -> HubClient,
     ctx: &Ctx,
 ) -> Result<PathBuf> {
-    let path = Path::new(source);
-    if path.exists() {
-        return model_folder(path).ok_or_else(|| {
-            Error::Model(format!(
-                "{}: no config.json here nor in data/model/ (an Azure ML MLflow model folder)",
-                path.display()
-            ))
-        });
-    }
-    if source.starts_with('.') || source.starts_with('/') || source.contains('\\') {
-        return Err(Error::Model(format!("{source}: no such model folder")));
-    }
+    let source = match crate::hub::repo::Source::classify(source) {
+        crate::hub::repo::Source::Local(path) => {
+            return model_folder(path).ok_or_else(|| {
+                Error::Model(format!(
+                    "{}: no config.json here nor in data/model/ (an Azure ML MLflow model folder)",
+                    path.display()
+                ))
+            })
+        }
+        crate::hub::repo::Source::MissingPath(_) => {
+            return Err(Error::Model(format!("{source}: no such model folder")))
+        }
+        crate::hub::repo::Source::Hub(id) => id,
+    };
     let hub = hub();
     let repo = Repo::model(source)?;
     let commit = hub.resolve_revision(&repo, revision, ctx)?;

@@ -2,6 +2,7 @@
 pub mod chat;
 pub mod data;
 pub mod error;
+pub mod generate;
 pub mod hub;
 pub mod model;
 pub mod progress;

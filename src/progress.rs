@@ -22,6 +22,8 @@ pub trait Progress: Send + Sync {
     fn message(&self, text: &str);
     /// Training metrics as a JSON object (`{"step": 10, "loss": 1.23, ...}`).
     fn metrics(&self, _json: &str) {}
+    /// Generated text as it forms: `delta` continues stream `id` (a conversation).
+    fn text(&self, _id: u64, _delta: &str) {}
 }
 
 /// A [`Progress`] that drops everything.
@@ -100,6 +102,10 @@ impl Ctx {
 
     pub fn message(&self, text: &str) {
         self.progress.message(text);
+    }
+    /// Streams generated text (`delta` continues stream `id`).
+    pub fn text(&self, id: u64, delta: &str) {
+        self.progress.text(id, delta);
     }
     /// Starts a task; it finishes when the returned guard drops.
     pub fn task(&self, name: &str, total: Option<u64>, unit: &str) -> Task {

@@ -46,18 +46,18 @@ pub fn device(name: &str) -> Result<Device> {
     }
 }
 
-/// Base-weight dtype for a precision setting: bf16 on CUDA when asked ("16"/"bf16"),
-/// f32 otherwise (CPUs have no fast bf16 GEMM).
+/// Base-weight dtype for a precision setting: bf16 on CUDA when asked ("16"/"bf16", or
+/// "auto"), f32 otherwise (CPUs have no fast bf16 GEMM).
 pub fn base_dtype(device: &Device, precision: &str) -> Result<DType> {
     match precision {
         "32" | "fp32" | "f32" => Ok(DType::F32),
-        "16" | "bf16" | "bfloat16" => Ok(if device.is_cuda() {
+        "16" | "bf16" | "bfloat16" | "auto" => Ok(if device.is_cuda() {
             DType::BF16
         } else {
             DType::F32
         }),
         other => Err(Error::InvalidArgument(format!(
-            "precision must be \"32\" or \"16\"/\"bf16\", got {other:?}"
+            "precision must be \"32\", \"16\"/\"bf16\" or \"auto\", got {other:?}"
         ))),
     }
 }

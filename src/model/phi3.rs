@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Result as CResult, Tensor, Var};
+use candle_nn::kv_cache::KvCache;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -40,12 +41,17 @@ impl Layer {
 }
 
 /// A flat batch: token ids, segments, the RoPE tables and masks they need, and targets.
+///
+/// In generation a segment continues a cached sequence: `past[i]` tokens of segment `i`
+/// are already in its KV cache, so its positions start there.
 pub struct Batch {
     ids: Tensor,
     segments: Vec<(usize, usize)>,
+    past: Vec<usize>,
     cos: Tensor,
     sin: Tensor,
-    masks: HashMap<usize, Tensor>,
+    /// Additive masks by (segment length, past length); `None` where every key is visible.
+    masks: HashMap<(usize, usize), Option<Tensor>>,
     /// Positions that have a target, and the targets (both u32).
     target_pos: Option<Tensor>,
     targets: Option<Tensor>,
@@ -58,6 +64,25 @@ impl Batch {
     }
     pub fn n_targets(&self) -> usize {
         self.n_targets
+    }
+}
+
+/// One sequence's KV cache for generation: per layer, keys and values of shape
+/// (kv_heads, tokens, head_dim), preallocated and filled in place.
+pub struct SeqCache {
+    layers: Vec<KvCache>,
+}
+
+impl SeqCache {
+    /// Tokens cached so far.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .map_or(0, |c| c.k_cache().current_seq_len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -94,6 +119,25 @@ impl Phi3 {
         dtype: DType,
     ) -> Result<Self> {
         lora_cfg.validate()?;
+        Self::load_unchecked(folder, lora_cfg, seed, device, dtype)
+    }
+
+    /// Loads the base weights only, without adapters (a merged model, for generation).
+    pub fn load_frozen(folder: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let none = LoraConfig {
+            target_modules: vec![],
+            ..LoraConfig::default()
+        };
+        Self::load_unchecked(folder, none, 0, device, dtype)
+    }
+
+    fn load_unchecked(
+        folder: &Path,
+        lora_cfg: LoraConfig,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         crate::tune_allocator_for_training();
         let cfg = super::weights::read_config(folder)?;
         let w = Weights::open(folder)?;
@@ -204,6 +248,29 @@ impl Phi3 {
         labels: Option<&[i32]>,
         seq_lengths: &[usize],
     ) -> Result<Batch> {
+        self.build_batch(ids, labels, seq_lengths, &vec![0; seq_lengths.len()])
+    }
+
+    /// A batch that continues cached sequences (generation): segment `i` holds the next
+    /// `seq_lengths[i]` tokens of a sequence with `past[i]` tokens already in its cache.
+    pub fn batch_after(&self, ids: &[u32], seq_lengths: &[usize], past: &[usize]) -> Result<Batch> {
+        if past.len() != seq_lengths.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} past lengths for {} segments",
+                past.len(),
+                seq_lengths.len()
+            )));
+        }
+        self.build_batch(ids, None, seq_lengths, past)
+    }
+
+    fn build_batch(
+        &self,
+        ids: &[u32],
+        labels: Option<&[i32]>,
+        seq_lengths: &[usize],
+        past: &[usize],
+    ) -> Result<Batch> {
         let n = ids.len();
         let bad = |m: String| Err(Error::InvalidArgument(m));
         if seq_lengths.iter().sum::<usize>() != n || seq_lengths.contains(&0) {
@@ -234,14 +301,17 @@ impl Phi3 {
         let mut segments = Vec::with_capacity(seq_lengths.len());
         let mut freqs: HashMap<bool, Vec<f32>> = HashMap::new();
         let mut start = 0;
-        for &len in seq_lengths {
+        for (&len, &p0) in seq_lengths.iter().zip(past) {
+            // LongRoPE picks its factors from the sequence length so far, as transformers
+            // does on every forward (also while generating).
+            let total = p0 + len;
             let long = self
                 .cfg
                 .longrope
                 .as_ref()
-                .is_some_and(|l| len > l.original_max_position_embeddings);
-            let inv = freqs.entry(long).or_insert_with(|| self.inv_freq_f32(len));
-            for p in 0..len {
+                .is_some_and(|l| total > l.original_max_position_embeddings);
+            let inv = freqs.entry(long).or_insert_with(|| self.inv_freq_f32(total));
+            for p in p0..total {
                 for &f in inv.iter() {
                     // f32 like transformers: angle = inv_freq * position, then cos/sin.
                     let a = f * p as f32;
@@ -256,9 +326,9 @@ impl Phi3 {
         let cos = Tensor::from_vec(cos, (n, half), dev)?.to_dtype(self.dtype)?;
         let sin = Tensor::from_vec(sin, (n, half), dev)?.to_dtype(self.dtype)?;
         let mut masks = HashMap::new();
-        for &(_, len) in &segments {
-            if let std::collections::hash_map::Entry::Vacant(e) = masks.entry(len) {
-                e.insert(self.mask(len)?);
+        for (&(_, len), &p0) in segments.iter().zip(past) {
+            if let std::collections::hash_map::Entry::Vacant(e) = masks.entry((len, p0)) {
+                e.insert(self.mask(len, p0)?);
             }
         }
         let (mut pos, mut tgt) = (Vec::new(), Vec::new());
@@ -292,6 +362,7 @@ impl Phi3 {
         Ok(Batch {
             ids: Tensor::from_slice(ids, n, dev)?,
             segments,
+            past: past.to_vec(),
             cos,
             sin,
             masks,
@@ -320,13 +391,19 @@ impl Phi3 {
             .collect()
     }
 
-    /// Additive causal mask (len, len) in f32, with the sliding window when configured
-    /// (key k visible from query q iff k <= q and q - k < window, as transformers).
-    fn mask(&self, len: usize) -> CResult<Tensor> {
+    /// Additive causal mask (len, past + len) in f32 for queries at positions
+    /// `past..past + len`, with the sliding window when configured (key k visible from
+    /// query q iff k <= q and q - k < window, as transformers). `None` when nothing is
+    /// masked (one query that sees every cached key).
+    fn mask(&self, len: usize, past: usize) -> CResult<Option<Tensor>> {
         let w = self.cfg.sliding_window.unwrap_or(usize::MAX);
-        let v: Vec<f32> = (0..len)
+        let total = past + len;
+        if len == 1 && total <= w {
+            return Ok(None);
+        }
+        let v: Vec<f32> = (past..total)
             .flat_map(|q| {
-                (0..len).map(move |k| {
+                (0..total).map(move |k| {
                     if k <= q && q - k < w {
                         0.0
                     } else {
@@ -335,7 +412,7 @@ impl Phi3 {
                 })
             })
             .collect();
-        Tensor::from_vec(v, (len, len), &self.device)
+        Tensor::from_vec(v, (len, total), &self.device).map(Some)
     }
 
     fn embed(&self, batch: &Batch) -> CResult<Tensor> {
@@ -343,6 +420,8 @@ impl Phi3 {
     }
 
     /// One decoder layer. `grad` false runs without a graph (LoRA weights detached).
+    /// With `caches` (one per segment, generation), each segment's keys and values are
+    /// appended to its cache and its queries attend to everything cached so far.
     fn layer(
         &self,
         l: usize,
@@ -350,6 +429,7 @@ impl Phi3 {
         b: &Batch,
         grad: bool,
         seed: Option<u64>,
+        mut caches: Option<&mut [&mut SeqCache]>,
     ) -> CResult<Tensor> {
         let layer = &self.layers[l];
         let cfg = &self.cfg;
@@ -379,25 +459,31 @@ impl Phi3 {
         let scale = 1.0 / (hd as f64).sqrt();
         let rep = nh / nkv;
         let mut outs = Vec::with_capacity(b.segments.len());
-        for &(s, len) in &b.segments {
+        for (i, (&(s, len), &past)) in b.segments.iter().zip(&b.past).enumerate() {
             let qs = q.narrow(1, s, len)?.contiguous()?;
             let mut ks = k.narrow(1, s, len)?.contiguous()?;
             let mut vs = v.narrow(1, s, len)?.contiguous()?;
+            if let Some(c) = caches.as_deref_mut() {
+                (ks, vs) = c[i].layers[l].append(&ks, &vs)?;
+            }
+            let keys = ks.dim(1)?;
+            debug_assert_eq!(keys, past + len);
             if rep > 1 {
                 let expand = |t: &Tensor| -> CResult<Tensor> {
                     t.unsqueeze(1)?
-                        .expand((nkv, rep, len, hd))?
+                        .expand((nkv, rep, keys, hd))?
                         .contiguous()?
-                        .reshape((nh, len, hd))
+                        .reshape((nh, keys, hd))
                 };
                 ks = expand(&ks)?;
                 vs = expand(&vs)?;
             }
-            let scores = (qs.matmul(&ks.t()?)? * scale)?
-                .to_dtype(DType::F32)?
-                .broadcast_add(&b.masks[&len])?;
+            let mut scores = (qs.matmul(&ks.t()?)? * scale)?.to_dtype(DType::F32)?;
+            if let Some(mask) = &b.masks[&(len, past)] {
+                scores = scores.broadcast_add(mask)?;
+            }
             let p = ops::softmax_last(&scores)?.to_dtype(self.dtype)?;
-            outs.push(p.matmul(&vs)?);
+            outs.push(p.matmul(&vs.contiguous()?)?);
         }
         let attn = Tensor::cat(&outs, 1)?
             .transpose(0, 1)?
@@ -415,9 +501,47 @@ impl Phi3 {
     fn hidden(&self, b: &Batch) -> CResult<Tensor> {
         let mut x = self.embed(b)?;
         for l in 0..self.layers.len() {
-            x = self.layer(l, &x, b, false, None)?;
+            x = self.layer(l, &x, b, false, None, None)?;
         }
         Ok(x)
+    }
+
+    /// An empty KV cache for one sequence of up to `capacity` tokens (it grows if needed).
+    pub fn new_cache(&self, capacity: usize) -> SeqCache {
+        SeqCache {
+            layers: (0..self.layers.len())
+                .map(|_| KvCache::new(1, capacity.max(1)))
+                .collect(),
+        }
+    }
+
+    /// Generation's forward: runs `b` (built with [`Self::batch_after`], one segment per
+    /// cache) through the model, appending keys and values to `caches`, and returns the
+    /// logits of each segment's last token, (segments, vocab) in f32.
+    pub fn forward_cached(&self, b: &Batch, caches: &mut [&mut SeqCache]) -> Result<Tensor> {
+        if caches.len() != b.segments.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} caches for {} segments",
+                caches.len(),
+                b.segments.len()
+            )));
+        }
+        for (c, &p) in caches.iter().zip(&b.past) {
+            if c.len() != p {
+                return Err(Error::InvalidArgument(format!(
+                    "a cache holds {} tokens but the batch continues after {p}",
+                    c.len()
+                )));
+            }
+        }
+        let mut x = self.embed(b)?;
+        for l in 0..self.layers.len() {
+            x = self.layer(l, &x, b, false, None, Some(&mut *caches))?;
+        }
+        let last: Vec<u32> = b.segments.iter().map(|&(s, len)| (s + len - 1) as u32).collect();
+        let last = Tensor::from_vec(last, b.segments.len(), &self.device)?;
+        let h = ops::rms_norm(&x.index_select(&last, 0)?, &self.norm, self.cfg.rms_norm_eps)?;
+        Ok(ops::frozen_linear(&h, &self.lm_head)?.to_dtype(DType::F32)?)
     }
 
     /// Logits for every position (tokens, vocab), f32.
@@ -466,11 +590,11 @@ impl Phi3 {
             };
             let input = leaf.as_ref().map_or(&x, |v| v.as_tensor());
             if recompute {
-                let out = self.layer(l, input, b, false, dropout_seed)?;
+                let out = self.layer(l, input, b, false, dropout_seed, None)?;
                 inputs.push(leaf);
                 x = out;
             } else {
-                let out = self.layer(l, input, b, true, dropout_seed)?;
+                let out = self.layer(l, input, b, true, dropout_seed, None)?;
                 inputs.push(leaf);
                 x = out.detach();
                 outputs.push(out);
@@ -506,7 +630,7 @@ impl Phi3 {
                     Some(v) => v.as_tensor().clone(),
                     None => first_input.clone().expect("set with recompute"),
                 };
-                self.layer(l, &input, b, true, dropout_seed)?
+                self.layer(l, &input, b, true, dropout_seed, None)?
             } else {
                 outputs.pop().expect("one output per layer")
             };

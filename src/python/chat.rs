@@ -31,7 +31,7 @@ fn py_err(e: Error) -> PyErr {
 
 /// Reads `[{"role": str, "content": str}, ...]`; returns the messages and whether some
 /// content was not a string.
-fn messages_from_py(messages: &Bound<'_, PyAny>) -> PyResult<(Vec<Message>, bool)> {
+pub(super) fn messages_from_py(messages: &Bound<'_, PyAny>) -> PyResult<(Vec<Message>, bool)> {
     let mut out = vec![];
     let mut non_string = false;
     for item in messages.try_iter()? {

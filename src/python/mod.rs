@@ -3,6 +3,7 @@
 
 mod chat;
 mod errors;
+mod generate;
 mod model;
 mod run;
 
@@ -166,5 +167,6 @@ fn ferrotune_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_parquet_to_jsonl, m)?)?;
     m.add_class::<model::PyLoraModel>()?;
     m.add_function(wrap_pyfunction!(model::finetune, m)?)?;
+    m.add_class::<generate::PyGenerator>()?;
     Ok(())
 }

@@ -22,6 +22,7 @@ enum Event {
     Finish(u64),
     Message(String),
     Metrics(String),
+    Text(u64, String),
 }
 
 /// Progress sink that queues events for the calling thread.
@@ -50,6 +51,9 @@ impl Progress for Channel {
     }
     fn metrics(&self, json: &str) {
         self.send(Event::Metrics(json.to_string()));
+    }
+    fn text(&self, id: u64, delta: &str) {
+        self.send(Event::Text(id, delta.to_string()));
     }
 }
 
@@ -85,6 +89,10 @@ fn deliver(py: Python<'_>, cb: &Option<PyObject>, events: Vec<Event>) -> PyResul
             Event::Metrics(json) => {
                 flush(&mut pending)?;
                 cb.call1(py, ("metrics", 0u64, json, None::<u64>, 0u64, ""))?;
+            }
+            Event::Text(id, delta) => {
+                flush(&mut pending)?;
+                cb.call1(py, ("text", id, delta, None::<u64>, 0u64, ""))?;
             }
         }
     }

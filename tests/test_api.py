@@ -132,6 +132,16 @@ def _rust_signatures() -> dict[str, dict[str, object]]:
     {function or Class.method: {parameter: default expression or None}}."""
     src = "\n".join(p.read_text(encoding="utf-8") for p in BINDINGS)
     out = {}
+    # Rust struct -> Python class name, and where each #[pymethods] block starts and ends
+    # (blocks close with a "}" in column 0), so that a method is attributed to its class.
+    classes = dict(
+        (m.group(2), m.group(1))
+        for m in re.finditer(r'#\[pyclass\(name\s*=\s*"(\w+)"[^\]]*\]\s*pub\s+struct\s+(\w+)', src)
+    )
+    blocks = []
+    for m in re.finditer(r"#\[pymethods\]\s*impl\s+(\w+)\s*\{", src):
+        end = src.find("\n}", m.end())
+        blocks.append((m.start(), end if end >= 0 else len(src), classes.get(m.group(1))))
     pattern = re.compile(r"#\[pyo3\(signature\s*=\s*\((?P<sig>.*?)\)\)\]\s*(?:#\[[^\]]*\]\s*)*(?:pub(?:\([^)]*\))?\s+)?fn\s+(?P<name>\w+)", re.S)
     for m in pattern.finditer(src):
         params = {}
@@ -141,10 +151,11 @@ def _rust_signatures() -> dict[str, dict[str, object]]:
                 continue
             params[name.strip()] = default.strip() if eq else None
         name = m.group("name")
-        if not hasattr(_core, name):
-            owners = [c for c in _stub_classes() if hasattr(getattr(_core, c), name)]
-            assert len(owners) == 1, f"cannot tell which class defines {name}"
-            name = f"{owners[0]}.{name}"
+        owner = next((cls for start, end, cls in blocks if start < m.start() < end), None)
+        if owner is not None:
+            name = f"{owner}.{name}"
+        else:
+            assert hasattr(_core, name), f"{name}: neither a module function nor inside a #[pymethods] block"
         out[name] = params
     return out
 

@@ -12,10 +12,8 @@ from ._tokenize import ChatTokenizer, TokenizedDataset, TokenizeStats, load_toke
 from .exceptions import *  # noqa: F401,F403
 from .exceptions import __all__ as _exc_all
 from .finetune import FinetuneResult, finetune  # the function; the module stays in sys.modules
-
-# TEMPORARY (until the native LoraModel is compiled in): getattr keeps `import ferrotune`
-# working on an older build. Tighten to `from ._core import LoraModel` once it exists.
 from ._core import LoraModel
+from ._generate import Completion, Generator
 
 __version__: str = _core.__version__
 
@@ -33,5 +31,7 @@ __all__ = [
     "finetune",
     "FinetuneResult",
     "LoraModel",
+    "Generator",
+    "Completion",
     *_exc_all,
 ]

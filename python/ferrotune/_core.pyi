@@ -134,3 +134,53 @@ class LoraModel:
     def save_merged(self, path: str, progress: Optional[ProgressCallback] = None) -> str: ...
 
 def finetune(config_json: str, progress: Optional[ProgressCallback] = None) -> str: ...
+
+class Generator:
+    """A Phi-3 model and its tokenizer, loaded for generation."""
+
+    @staticmethod
+    def load(
+        model: str,
+        *,
+        adapter: Optional[str] = None,
+        device: str = "auto",
+        precision: str = "auto",
+        token: Optional[str] = None,
+        progress: Optional[ProgressCallback] = None,
+    ) -> "Generator": ...
+    @property
+    def eos_token_ids(self) -> list[int]: ...
+    @property
+    def max_context(self) -> int: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def model_dir(self) -> str: ...
+    def prompt_ids(self, messages: list[dict]) -> list[int]: ...
+    def generate(
+        self,
+        conversations: list[list[dict]],
+        *,
+        max_new_tokens: int = 256,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 50,
+        repetition_penalty: float = 1.0,
+        seed: Optional[int] = None,
+        stream: bool = False,
+        progress: Optional[ProgressCallback] = None,
+    ) -> list[dict]: ...
+    def generate_ids(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int = 256,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 50,
+        repetition_penalty: float = 1.0,
+        seed: Optional[int] = None,
+        progress: Optional[ProgressCallback] = None,
+    ) -> list[tuple[list[int], str]]: ...

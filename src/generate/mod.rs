@@ -272,12 +272,9 @@ impl Generator {
             return Ok(vec![]);
         }
         let task = ctx.task("generating", Some(params.max_new_tokens as u64), "tokens");
-        let mut caches: Vec<_> = prompts
-            .iter()
-            .map(|p| {
-                self.model
-                    .new_cache((p.len() + params.max_new_tokens).min(max_ctx))
-            })
+        let cache_capacity = |i: usize| (prompts[i].len() + params.max_new_tokens).min(max_ctx);
+        let mut caches: Vec<_> = (0..prompts.len())
+            .map(|i| self.model.new_cache(cache_capacity(i)))
             .collect();
         // Prefill: every prompt in one packed forward.
         let mut active: Vec<usize> = (0..prompts.len()).collect();
@@ -298,6 +295,8 @@ impl Generator {
             let logits: Vec<Vec<f32>> = logits.to_device(&Device::Cpu)?.to_vec2()?;
             let mut next_active = Vec::with_capacity(active.len());
             step_ids.clear();
+            lens.clear();
+            past.clear();
             for (&i, mut row) in active.iter().zip(logits) {
                 let t = samplers[i].next(&mut row, params);
                 on_token(i, t)?;
@@ -312,11 +311,22 @@ impl Generator {
                     continue;
                 }
                 next_active.push(i);
-                step_ids.push(t);
+                let cached = caches[i].len();
+                if self.crosses_long_rope(cached) {
+                    // LongRoPE switches to its long factors here: like transformers' Phi-3,
+                    // drop the cache and run the whole sequence again with them.
+                    caches[i] = self.model.new_cache(cache_capacity(i));
+                    step_ids.extend_from_slice(&prompts[i]);
+                    step_ids.extend_from_slice(&out[i].0);
+                    lens.push(prompts[i].len() + out[i].0.len());
+                    past.push(0);
+                } else {
+                    step_ids.push(t);
+                    lens.push(1);
+                    past.push(cached);
+                }
             }
             task.advance(1);
-            past = next_active.iter().map(|&i| caches[i].len()).collect();
-            lens = vec![1; next_active.len()];
             active = next_active;
             if active.is_empty() {
                 break;
@@ -326,6 +336,18 @@ impl Generator {
             .into_iter()
             .map(|(ids, r)| (ids, r.unwrap_or(FinishReason::Length)))
             .collect())
+    }
+}
+
+impl Generator {
+    /// Whether feeding one more token to a sequence with `cached` tokens takes it past
+    /// LongRoPE's `original_max_position_embeddings` for the first time.
+    fn crosses_long_rope(&self, cached: usize) -> bool {
+        self.model
+            .cfg
+            .longrope
+            .as_ref()
+            .is_some_and(|l| cached == l.original_max_position_embeddings)
     }
 }
 

@@ -293,3 +293,32 @@ def test_missing_model_and_bad_adapter(tmp_path, base_dir):
         Generator.load(tmp_path / "nope", device="cpu", progress=False)
     with pytest.raises(ferrotune.FerrotuneError, match="adapter_config.json"):
         Generator.load(base_dir, adapter=tmp_path, device="cpu", progress=False)
+
+
+# ---------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------
+
+
+def test_cli_generates_a_jsonl_file_of_replies(tmp_path, base_dir):
+    import subprocess
+    import sys
+
+    convs = [CHAT, {"prompt": "x", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(c) + "\n" for c in convs), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "ferrotune.cli", "generate", "--model", str(base_dir), "--input", str(src),
+           "--output", str(out), "--max-new-tokens", "6", "--device", "cpu", "--quiet"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    gen = Generator.load(base_dir, device="cpu", progress=False)
+    want = gen.generate([CHAT, convs[1]["messages"]], max_new_tokens=6)
+    assert [r["text"] for r in rows] == [c.text for c in want]
+    assert [r["completion_tokens"] for r in rows] == [len(c.token_ids) for c in want]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('[{"role": "user", "content": "ok"}]\n{not json\n', encoding="utf-8")
+    r = subprocess.run(cmd[:7] + [str(bad)] + cmd[8:], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "line 2: not valid JSON" in r.stderr and "Traceback" not in r.stderr

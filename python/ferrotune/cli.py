@@ -18,6 +18,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     # import_module: `ferrotune.finetune` is the function, its module sits beside it
     finetune_cli = importlib.import_module("ferrotune.finetune_cli")
+    from . import generate_cli
 
     parser = argparse.ArgumentParser(prog="ferrotune", description="Fast Phi-3 fine-tuning tools.")
     parser.add_argument("--version", action="version", version=f"ferrotune {__version__}")
@@ -40,6 +41,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     finetune_cli.add_arguments(f)
     f.set_defaults(func=finetune_cli.run)
+    g = sub.add_parser(
+        "generate",
+        help="replies from a merged model or a base model + PEFT adapter",
+        description="Chat generation with a fine-tuned Phi-3 (KV cache, batched, streamed).",
+    )
+    generate_cli.add_arguments(g)
+    g.set_defaults(func=generate_cli.run)
     m = sub.add_parser("demo", help="run the pipeline on the bundled sample dataset, offline")
     demo.add_arguments(m)
     m.set_defaults(func=demo.run)

@@ -6,6 +6,7 @@ pub mod export;
 pub mod lora;
 pub mod ops;
 pub mod phi3;
+pub mod random;
 pub mod weights;
 
 pub use config::Phi3Config;

@@ -168,5 +168,6 @@ fn ferrotune_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<model::PyLoraModel>()?;
     m.add_function(wrap_pyfunction!(model::finetune, m)?)?;
     m.add_class::<generate::PyGenerator>()?;
+    m.add_function(wrap_pyfunction!(model::create_random_model, m)?)?;
     Ok(())
 }

@@ -271,3 +271,32 @@ pub fn finetune(
         Ok(serde_json::to_string(&s).expect("summary serialises"))
     })
 }
+
+/// Writes a random-weight Phi-3 folder (Phi-3-mini's config with `config` overrides applied,
+/// weights ~ N(0, initializer_range) from `seed`, the tokenizer files of `tokenizer`).
+#[pyfunction]
+#[pyo3(signature = (out_dir, config=None, seed=0, tokenizer=None))]
+pub fn create_random_model(
+    py: Python<'_>,
+    out_dir: PathBuf,
+    config: Option<Bound<'_, PyDict>>,
+    seed: u64,
+    tokenizer: Option<PathBuf>,
+) -> PyResult<String> {
+    let json = match config {
+        Some(d) => py
+            .import("json")?
+            .call_method1("dumps", (d,))?
+            .extract::<String>()?,
+        None => "{}".to_string(),
+    };
+    let overrides: serde_json::Value = serde_json::from_str(&json)
+        .map_err(|e| to_pyerr(py, Error::InvalidArgument(format!("config: {e}"))))?;
+    run_blocking(py, None, move |_| {
+        Ok(
+            model::random::create_random_model(&out_dir, &overrides, seed, tokenizer.as_deref())?
+                .display()
+                .to_string(),
+        )
+    })
+}

@@ -1,11 +1,11 @@
 """``ferrotune.azureml``: the notebook's Azure ML steps, with ferrotune doing the work.
 
-The "fine-tune Phi-3-mini on ultrachat_200k" notebook talks to Azure ML in six places:
+The "fine-tune Phi-3-mini on ultrachat_200k" notebook talks to Azure ML in seven places:
 it builds an ``MLClient``, checks the GPU compute, runs the fine-tuning pipeline, registers
 the model, deploys it to a managed online endpoint, scores a sample and deletes the
 endpoint. This module gives each step one function, with the notebook's settings as
-defaults and the mistakes that otherwise surface after an hour of provisioning caught on
-the laptop:
+defaults, and catches on the laptop the mistakes that otherwise surface after an hour of
+provisioning:
 
 ==========================  ==============================================================
 :func:`client`              ``MLClient`` from ``config.json`` (or explicit ids), no network
@@ -22,6 +22,23 @@ the laptop:
 
 The ``build_*`` / ``*_environment`` functions return the SDK entities these functions
 submit, so they can be inspected, changed or dumped to YAML first.
+
+In a notebook::
+
+    from ferrotune import azureml as az
+
+    ml_client = az.client()                                  # config.json, as from_config
+    gpus = az.check_compute(ml_client, "gpu-cluster")
+    job = az.finetune_job(model=foundation_model, compute="gpu-cluster", gpus_per_node=gpus,
+                          train_file="ultrachat_200k_dataset/train_sft.jsonl",
+                          validation_file="ultrachat_200k_dataset/test_sft.jsonl",
+                          finetune_parameters=finetune_parameters)
+    job = ml_client.jobs.create_or_update(job)
+    ml_client.jobs.stream(job.name)
+    model = az.register_model(ml_client, job, "Phi-3-mini-4k-instruct-ultrachat-200k")
+    az.deploy(ml_client, model, "ultrachat-completion-" + timestamp)
+    az.invoke(ml_client, "ultrachat-completion-" + timestamp, test_df["messages"][0])
+    az.delete(ml_client, "ultrachat-completion-" + timestamp)
 
 The Azure ML SDK is an optional extra (``pip install "ferrotune[azure]"``): this module
 imports without it and only the functions that need the SDK ask for it.
@@ -80,6 +97,7 @@ __all__ = [
     "CPU_INFERENCE_IMAGE",
     "GPU_INFERENCE_IMAGE",
     "WORK_DIR",
+    "PACKAGE_DIR",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -106,6 +124,12 @@ GPU_INFERENCE_IMAGE = TRAINING_IMAGE
 #: (the job's working directory on the node's disk); only the packaged MLflow model is
 #: uploaded, as the ``trained_model`` output
 WORK_DIR = "ferrotune_work"
+#: where ``ferrotune package`` writes the MLflow folder on the node's disk (the weights are
+#: hard links into WORK_DIR); it is then copied into the ``trained_model`` output. Not
+#: written into the output directly: Azure ML creates the output folder (a mount) before
+#: the job starts, and ``ferrotune package`` builds its folder beside the target and
+#: renames it into place, which a mount point does not allow.
+PACKAGE_DIR = "ferrotune_model"
 
 _GIB = 1024**3
 
@@ -377,7 +401,8 @@ def check_compute(ml_client: Any, compute_name: str) -> int:
             f"ml_client.begin_create_or_update(AmlCompute(name={compute_name!r}, size='Standard_NC24ads_A100_v4', "
             "min_instances=0, max_instances=1)).result()"
         ) from None
-    state = str(getattr(compute, "provisioning_state", "") or "")
+    state = getattr(compute, "provisioning_state", None) or ""
+    state = str(getattr(state, "value", state))  # the SDK gives a str enum: str() would say "ProvisioningState.FAILED"
     if state.lower() == "failed":
         raise ComputeTargetError(
             f"compute {compute_name!r} is in a failed state (provisioning failed): delete it and create it again, "
@@ -485,10 +510,10 @@ def _file_input(name: str, value: Any) -> Any:
 
 
 def _flag_value(value: Any) -> str:
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
         return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
+    if isinstance(value, float):  # numpy floats too; repr(float) is exact and short ("5e-06")
+        return repr(float(value))
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return ",".join(value)
     if isinstance(value, (dict, list, tuple)):
@@ -540,8 +565,8 @@ def training_environment(ferrotune_requirement: Optional[str] = None) -> Any:
         "channels": ["conda-forge"],
         "dependencies": ["python=3.11", "pip", {"pip": [req, "mlflow-skinny", "azureml-mlflow"]}],
     }
+    # anonymous (no name): Azure ML keys it by its content and reuses the built image
     return sdk.Environment(
-        name="ferrotune-train",
         description=f"ferrotune fine-tuning ({req}) on {TRAINING_IMAGE}",
         image=TRAINING_IMAGE,
         conda_file=conda,
@@ -569,7 +594,8 @@ def finetune_job(
         ferrotune finetune --model ${{inputs.model}} --train-file ${{inputs.train_file}}
             [--validation-file ${{inputs.validation_file}}] --output-dir ferrotune_work
             --num_train_epochs 3 --learning_rate 5e-06 ...   # one flag per parameter
-        ferrotune package ferrotune_work ${{outputs.trained_model}}
+        ferrotune package ferrotune_work ferrotune_model
+        cp -R ferrotune_model/. ${{outputs.trained_model}}
 
     and its output ``trained_model`` is an MLflow model folder, like the pipeline's
     ``mlflow_model_folder``: register it with :func:`register_model`. Submit it with
@@ -652,8 +678,11 @@ def finetune_job(
     if validation_file is not None:
         train += ["--validation-file", "${{inputs.validation_file}}"]
     train += ["--output-dir", WORK_DIR, *flags]
-    package = ["ferrotune", "package", WORK_DIR, "${{outputs.trained_model}}"]
-    steps = [" ".join(train), " ".join(package)]
+    package = ["ferrotune", "package", WORK_DIR, PACKAGE_DIR]
+    if ferrotune_requirement is not None:  # the packaged conda.yaml installs the same ferrotune
+        package += ["--ferrotune-requirement", shlex.quote(req)]
+    copy = ["cp", "-R", f"{PACKAGE_DIR}/.", "${{outputs.trained_model}}"]
+    steps = [" ".join(train), " ".join(package), " ".join(copy)]
     if environment is None:
         environment = training_environment(req)
     else:
@@ -999,15 +1028,31 @@ _DEPLOYMENT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]$")
 # The entry script of the deployment. It hands init() and run() to the score.py that
 # `ferrotune package` put in the model folder, so the scoring code always matches the
 # model it serves, and the code upload is one small file instead of the model again.
+# (The inference server's @rawhttp is a process-wide switch set when the entry script is
+# imported, so the entry script itself must carry it for the packaged run() to get the
+# HTTP request.)
 _SCORE_SHIM = '''\
 """Azure ML entry script written by ferrotune.azureml (ferrotune {version}).
 
 Finds the packaged model folder under AZUREML_MODEL_DIR (the folder with MLmodel and
-score.py; Azure ML mounts a registered model one folder deeper), points AZUREML_MODEL_DIR
-at it, and hands init() and run() to that folder's own score.py.
+score.py; Azure ML mounts a registered model one or two folders deeper), points
+AZUREML_MODEL_DIR at it, and hands init() and run() to that folder's own score.py.
+run() is marked @rawhttp, so the packaged run() gets the HTTP request itself (it checks
+the method and the body size, and answers with its own status codes).
 """
 import importlib.util
 import os
+
+try:  # inside the Azure ML inference server
+    from azureml.contrib.services.aml_request import rawhttp
+except ImportError:
+    try:
+        from azureml_inference_server_http.api.aml_request import rawhttp
+    except ImportError:  # not serving: run() is a plain function
+
+        def rawhttp(func):
+            return func
+
 
 _packaged = None
 
@@ -1032,7 +1077,7 @@ def _model_folder(root):
 
 def init():
     global _packaged
-    folder = _model_folder(os.environ.get("AZUREML_MODEL_DIR", "."))
+    folder = _model_folder(os.path.abspath(os.environ.get("AZUREML_MODEL_DIR", ".")))
     os.environ["AZUREML_MODEL_DIR"] = folder
     spec = importlib.util.spec_from_file_location("ferrotune_packaged_score", os.path.join(folder, "score.py"))
     module = importlib.util.module_from_spec(spec)
@@ -1041,6 +1086,7 @@ def init():
     _packaged = module
 
 
+@rawhttp
 def run(raw_data):
     return _packaged.run(raw_data)
 '''
@@ -1082,7 +1128,6 @@ def inference_environment(ferrotune_requirement: Optional[str] = None, *, gpu: b
         "dependencies": ["python=3.11", "pip", {"pip": ["azureml-inference-server-http", req]}],
     }
     return sdk.Environment(
-        name="ferrotune-serve-gpu" if gpu else "ferrotune-serve",
         description=f"ferrotune serving ({req}) on {image}",
         image=image,
         conda_file=conda,
@@ -1273,7 +1318,9 @@ def _conversation(obj: Any, where: str) -> list:
     if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):  # numpy arrays from pandas
         obj = obj.tolist()
     if isinstance(obj, (str, bytes)) or not isinstance(obj, Sequence) or not obj:
-        raise InvalidArgumentError(f"{where}: expected a conversation, a non-empty list of {{'role', 'content'}} messages")
+        raise InvalidArgumentError(
+            f"{where}: expected a conversation, a non-empty list of {{'role', 'content'}} messages"
+        )
     out = []
     for i, m in enumerate(obj):
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):

@@ -14,6 +14,7 @@ from .exceptions import __all__ as _exc_all
 from .finetune import FinetuneResult, finetune  # the function; the module stays in sys.modules
 from ._core import LoraModel
 from ._generate import Completion, Generator
+from .packaging import package_model
 
 __version__: str = _core.__version__
 
@@ -33,5 +34,6 @@ __all__ = [
     "LoraModel",
     "Generator",
     "Completion",
+    "package_model",
     *_exc_all,
 ]

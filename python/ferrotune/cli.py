@@ -48,6 +48,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     generate_cli.add_arguments(g)
     g.set_defaults(func=generate_cli.run)
+    package_cli = importlib.import_module("ferrotune.package_cli")
+    pk = sub.add_parser(
+        "package",
+        help="package a fine-tuned model as an MLflow model folder for Azure ML",
+        description="Package a fine-tuned model as an MLflow model folder (Azure ML registration and serving).",
+        allow_abbrev=False,
+    )
+    package_cli.add_arguments(pk)
+    pk.set_defaults(func=package_cli.run)
     m = sub.add_parser("demo", help="run the pipeline on the bundled sample dataset, offline")
     demo.add_arguments(m)
     m.set_defaults(func=demo.run)

@@ -928,3 +928,16 @@ def test_an_mlflow_failure_does_not_stop_training():
     assert Broken.calls == 1 and seen == METRICS
     text = out.getvalue()
     assert text.count("MLflow: logging failed (tracking server down)") == 1 and "step 4" in text
+
+
+@pytest.mark.parametrize("world, refused", [("4", True), ("1", False), ("", False)])
+def test_a_multi_process_launch_is_refused_clearly(fake_native, tmp_path, monkeypatch, world, refused):
+    monkeypatch.setenv("WORLD_SIZE", world)
+    call = lambda: ferrotune.finetune("m", tmp_path / "t.jsonl", output_dir=tmp_path / "o", progress=False, report_to="none")  # noqa: E731
+    if refused:
+        with pytest.raises(InvalidArgumentError, match="WORLD_SIZE=4.*process_count_per_instance=1"):
+            call()
+        assert fake_native.configs == []
+    else:
+        call()
+        assert len(fake_native.configs) == 1

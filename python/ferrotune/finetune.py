@@ -880,6 +880,7 @@ def finetune(
     Returns:
         :class:`FinetuneResult`.
     """
+    _refuse_distributed_launch()
     report = _resolve_report_to(report_to)
     cbs = _callbacks(callbacks)
     config, notes = build_config(model, train_file, validation_file, output_dir, finetune_parameters)
@@ -897,6 +898,23 @@ def finetune(
             router.message(f"note: {note}")
         out = native(json.dumps(config, allow_nan=False), progress=router)
     return FinetuneResult.from_summary(out, output_dir=config["output_dir"], notes=notes)
+
+
+def _refuse_distributed_launch() -> None:
+    """A launcher that started several processes (Azure ML's PyTorchDistribution, torchrun)
+    sets WORLD_SIZE; each process would train the whole model on the whole data, and all
+    would write the same output folder. Data-parallel training is not there yet: say so."""
+    world = os.environ.get("WORLD_SIZE", "1").strip() or "1"
+    try:
+        n = int(world)
+    except ValueError:
+        return
+    if n > 1:
+        raise InvalidArgumentError(
+            f"WORLD_SIZE={n}: this process was launched as one of {n} data-parallel workers, but ferrotune "
+            "does not train across several processes yet. Launch one process per node "
+            "(process_count_per_instance=1, no PyTorchDistribution), or train on one GPU."
+        )
 
 
 class _CallableModule(types.ModuleType):

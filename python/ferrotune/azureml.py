@@ -31,8 +31,7 @@ In a notebook::
     gpus = az.check_compute(ml_client, "gpu-cluster")
     job = az.finetune_job(model=foundation_model, compute="gpu-cluster", gpus_per_node=gpus,
                           train_file="ultrachat_200k_dataset/train_sft.jsonl",
-                          validation_file="ultrachat_200k_dataset/test_sft.jsonl",
-                          finetune_parameters=finetune_parameters)
+                          finetune_parameters=finetune_parameters)  # validation: last 20 % of train
     job = ml_client.jobs.create_or_update(job)
     ml_client.jobs.stream(job.name)
     model = az.register_model(ml_client, job, "Phi-3-mini-4k-instruct-ultrachat-200k")

@@ -51,7 +51,6 @@ import math
 import os
 import re
 import shlex
-import struct
 import tempfile
 import time
 import warnings
@@ -60,6 +59,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from .exceptions import FerrotuneError, FerrotuneFileNotFoundError, InvalidArgumentError, ModelError
+from .packaging import read_safetensors_header
 
 __all__ = [
     # errors
@@ -897,25 +897,6 @@ def _weight_files(folder: Path) -> list:
     return []
 
 
-def _read_header(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ModelError(f"{path} is not a safetensors file (shorter than 8 bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > 100 * 1024 * 1024:
-                raise ModelError(f"{path} is not a safetensors file (header length {n})")
-            header = json.loads(f.read(n))
-    except OSError as e:
-        raise FerrotuneFileNotFoundError(f"cannot read {path}: {e.strerror or e}") from None
-    except ValueError:
-        raise ModelError(f"{path} is not a safetensors file (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise ModelError(f"{path} is not a safetensors file (its header is not a JSON object)")
-    return header
-
-
 def serving_memory(model_dir: PathLike) -> Optional[ServingMemory]:
     """Estimates a model folder's serving memory from its safetensors headers (only the
     headers are read).
@@ -935,7 +916,7 @@ def serving_memory(model_dir: PathLike) -> Optional[ServingMemory]:
         return None
     params = other = 0
     for path in files:
-        for key, info in _read_header(path).items():
+        for key, info in read_safetensors_header(path).items():
             if key == "__metadata__":
                 continue
             try:

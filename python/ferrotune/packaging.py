@@ -200,8 +200,9 @@ def _resolve_source(trained_dir: PathLike) -> _Source:
 # ---------------------------------------------------------------------------------------
 
 
-def _check_safetensors(path: Path) -> None:
-    """The file starts with a plausible safetensors header (8-byte length + JSON)."""
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file (8-byte length + JSON), checked for plausibility
+    without reading the tensors."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -212,12 +213,15 @@ def _check_safetensors(path: Path) -> None:
             if n < 2 or n > min(size - 8, 100 * 1024 * 1024):
                 raise ModelError(f"{path} is not a safetensors file (header length {n}, file size {size})")
             header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise FerrotuneFileNotFoundError(f"{path}: no such file") from None
     except OSError as e:
         raise FerrotuneIOError(f"cannot read {path}: {e.strerror or e}") from None
     except ValueError:
         raise ModelError(f"{path} is not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise ModelError(f"{path} is not a safetensors file (its header is not a JSON object)")
+    return header
 
 
 def _weight_files(model_dir: Path) -> list:
@@ -259,7 +263,7 @@ def _check_model(src: _Source) -> tuple:
         raise ModelError(f"{cfg_path} is not a JSON object")
     weights = _weight_files(src.model_dir)
     for w in weights:
-        _check_safetensors(w)
+        read_safetensors_header(w)
     model_files = [src.model_dir / n for n in _MODEL_FILES if (src.model_dir / n).is_file()]
     if (src.model_dir / _INDEX).is_file():
         model_files.append(src.model_dir / _INDEX)

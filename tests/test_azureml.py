@@ -285,11 +285,15 @@ params = dict(ARGS["params"])
 result = {"version": ferrotune.__version__}
 
 # -- the fine-tuning job: registry model, local files, 2 GPUs ---------------------------
-job = az.finetune_job(
-    model="azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/7",
-    train_file=train, validation_file=test, compute="gpu-cluster",
-    finetune_parameters=params, gpus_per_node=2,
-)
+import warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    job = az.finetune_job(
+        model="azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/7",
+        train_file=train, validation_file=test, compute="gpu-cluster",
+        finetune_parameters=params, gpus_per_node=2,
+    )
+result["gpu_warnings"] = [str(w.message) for w in caught]
 text, loaded = dump_and_load(job, tmp / "job.yml", load_job)
 y = yaml.safe_load(text)
 first, second, third = loaded.command.split(" && ")
@@ -304,7 +308,7 @@ result["job"] = {
                                       "output_dir", "validation_file")},
     "notes": notes,
     "inputs": y["inputs"], "outputs": y["outputs"],
-    "distribution": [loaded.distribution.type, loaded.distribution.process_count_per_instance],
+    "distribution": loaded.distribution,
     "instance_count": loaded.resources.instance_count, "compute": loaded.compute,
     "experiment": loaded.experiment_name, "display_name": loaded.display_name,
     "image": loaded.environment.image, "conda": loaded.environment.conda_file,
@@ -411,7 +415,9 @@ def test_entities_round_trip_through_the_sdk(side_python, tmp_path):
     assert job["inputs"]["train_file"]["path"].endswith(str(tmp_path / "train_sft.jsonl"))
     assert job["inputs"]["validation_file"]["type"] == "uri_file"
     assert job["outputs"] == {"trained_model": {"type": "mlflow_model"}}
-    assert job["distribution"] == ["pytorch", 2]
+    # one training process on one GPU (no data-parallel training yet), and the user is told
+    assert job["distribution"] is None
+    assert any("gpus_per_node=2" in w and "1 GPU(s) of each node stay idle" in w for w in r["gpu_warnings"]), r["gpu_warnings"]
     assert job["instance_count"] == 1 and job["compute"] == "gpu-cluster"
     assert job["experiment"] == "chat_completion_Phi-3-mini-4k-instruct"
     assert job["display_name"] == "ferrotune-Phi-3-mini-4k-instruct"
@@ -761,6 +767,7 @@ with FakeArm(tmp) as arm:
     result["no_train_file"] = error(job, train_file=tmp / "nope.jsonl")
     result["no_model"] = error(job, model="./models/phi3")
     result["gpus"] = error(job, gpus_per_node=0)
+    result["nodes"] = error(job, instance_count=2)
     result["register_not_mlflow"] = error(az.register_model, ml, tmp, "x")
     result["requests_after_errors"] = len(arm.requests) - before
 """
@@ -799,5 +806,6 @@ def test_early_errors_are_typed_and_send_nothing(side_python, tmp_path):
     check("no_train_file", "FerrotuneFileNotFoundError", "nope.jsonl", "does not exist")
     check("no_model", "FerrotuneFileNotFoundError", "no such folder")
     check("gpus", "InvalidArgumentError", "gpus_per_node=0")
+    check("nodes", "InvalidArgumentError", "instance_count=2: ferrotune does not train across several nodes")
     check("register_not_mlflow", "InvalidArgumentError", "not an MLflow model folder")
     assert r["requests_after_errors"] == 0

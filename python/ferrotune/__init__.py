@@ -12,7 +12,7 @@ from ._tokenize import ChatTokenizer, TokenizedDataset, TokenizeStats, load_toke
 from .exceptions import *  # noqa: F401,F403
 from .exceptions import __all__ as _exc_all
 from .finetune import FinetuneResult, finetune  # the function; the module stays in sys.modules
-from ._core import LoraModel
+from ._core import LoraModel, create_random_model, cuda_available
 from ._generate import Completion, Generator
 from .packaging import package_model
 
@@ -32,6 +32,8 @@ __all__ = [
     "finetune",
     "FinetuneResult",
     "LoraModel",
+    "create_random_model",
+    "cuda_available",
     "Generator",
     "Completion",
     "package_model",

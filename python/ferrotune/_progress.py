@@ -26,11 +26,24 @@ def _in_notebook() -> bool:
         return False
 
 
+def _has_widgets() -> bool:
+    try:
+        import ipywidgets  # type: ignore[import-not-found]  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
 class TqdmRenderer:
     """One tqdm bar per running task."""
 
     def __init__(self) -> None:
-        from tqdm.auto import tqdm
+        if _in_notebook() and not _has_widgets():
+            # tqdm.auto would warn ("IProgress not found") and print a line per update
+            from tqdm.std import tqdm
+        else:
+            from tqdm.auto import tqdm
 
         self._tqdm = tqdm
         self._bars: dict[int, Any] = {}

@@ -29,7 +29,7 @@ In a notebook::
 
     ml_client = az.client()                                  # config.json, as from_config
     gpus = az.check_compute(ml_client, "gpu-cluster")
-    job = az.finetune_job(model=foundation_model, compute="gpu-cluster", gpus_per_node=gpus,
+    job = az.finetune_job(model=foundation_model, compute="gpu-cluster",  # one GPU per job
                           train_file="ultrachat_200k_dataset/train_sft.jsonl",
                           finetune_parameters=finetune_parameters)  # validation: last 20 % of train
     job = ml_client.jobs.create_or_update(job)
@@ -184,7 +184,6 @@ class _Sdk:
         self.Input = ml.Input
         self.Output = ml.Output
         self.command = ml.command
-        self.PyTorchDistribution = ml.PyTorchDistribution
         self.Model = entities.Model
         self.Environment = entities.Environment
         self.ManagedOnlineEndpoint = entities.ManagedOnlineEndpoint
@@ -643,12 +642,12 @@ def finetune_job(
         ``ml_client.jobs.create_or_update``.
 
     Note:
-        With ``gpus_per_node * instance_count > 1`` the job gets a
-        ``PyTorchDistribution(process_count_per_instance=gpus_per_node)``, but ferrotune
-        does not do multi-GPU data-parallel training yet: ``ferrotune finetune`` stops
-        with an error when it sees ``WORLD_SIZE > 1``. Use one GPU (``gpus_per_node=1,
-        instance_count=1``) until then; ferrotune's LoRA training of Phi-3-mini fits on
-        one GPU.
+        ferrotune does not train data-parallel across GPUs yet (``ferrotune finetune``
+        refuses ``WORLD_SIZE > 1``). So the job always runs one training process on one
+        GPU: on a node with ``gpus_per_node > 1`` the other GPUs stay idle (a warning says
+        so; LoRA training of Phi-3-mini fits on one GPU), and ``instance_count > 1`` is
+        refused before anything is submitted. When data-parallel training lands, this is
+        where a ``PyTorchDistribution`` goes.
 
     Raises:
         InvalidArgumentError: an unknown parameter (with the valid names and the
@@ -661,6 +660,18 @@ def finetune_job(
         raise InvalidArgumentError(f"compute={compute!r}: expected the compute cluster's name")
     gpus_per_node = _positive_int("gpus_per_node", gpus_per_node)
     instance_count = _positive_int("instance_count", instance_count)
+    if instance_count > 1:
+        raise InvalidArgumentError(
+            f"instance_count={instance_count}: ferrotune does not train across several nodes yet; every node would "
+            "train the whole model on its own. Use instance_count=1."
+        )
+    if gpus_per_node > 1:
+        warnings.warn(
+            f"gpus_per_node={gpus_per_node}: ferrotune trains on one GPU per job for now (no data-parallel "
+            f"training yet), so {gpus_per_node - 1} GPU(s) of each node stay idle",
+            UserWarning,
+            stacklevel=2,
+        )
     params = dict(finetune_parameters or {})
     flags = _finetune_flags(params, validation_file is not None)
     model_input, model_name = _model_input(model)
@@ -686,9 +697,6 @@ def finetune_job(
         environment = training_environment(req)
     else:
         steps.insert(0, f"python -m pip install --quiet {shlex.quote(req)}")
-    distribution = None
-    if gpus_per_node * instance_count > 1:
-        distribution = sdk.PyTorchDistribution(process_count_per_instance=gpus_per_node)
     return sdk.command(
         command=" && ".join(steps),
         inputs=inputs,
@@ -696,7 +704,6 @@ def finetune_job(
         environment=environment,
         compute=compute,
         instance_count=instance_count,
-        distribution=distribution,
         experiment_name=experiment_name,
         display_name=display_name or f"ferrotune-{model_name}",
         description="LoRA fine-tuning with ferrotune (ferrotune finetune + ferrotune package)",

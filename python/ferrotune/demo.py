@@ -76,6 +76,8 @@ def seed_cache(cache_dir: Path) -> str:
     return SAMPLE_REPO
 
 
+__all__ = ["DEMO_MODEL", "DEMO_PARAMETERS", "SAMPLE_REPO", "seed_cache", "add_arguments", "run", "main"]
+
 #: The demo's model: Phi-3's architecture and tokenizer at a size a CPU trains in seconds.
 #: initializer_range 0.2 (not Phi-3's 0.02) gives logits with room to move, so the loss
 #: visibly falls within a few dozen LoRA steps.

@@ -47,6 +47,15 @@ pub fn device(name: &str) -> Result<Device> {
     }
 }
 
+/// The device's name as users write it: "cpu", "cuda:0", "metal:0".
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
 /// Base-weight dtype for a precision setting: bf16 on CUDA when asked ("16"/"bf16", or
 /// "auto"), f32 otherwise (CPUs have no fast bf16 GEMM).
 pub fn base_dtype(device: &Device, precision: &str) -> Result<DType> {

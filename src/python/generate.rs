@@ -84,8 +84,7 @@ impl PyGenerator {
             let dev = model::device(&device)?;
             let dtype = model::base_dtype(&dev, &precision)?;
             let g = Generator::load(&source, adapter.as_deref(), &dev, dtype, token, ctx)?;
-            let name = if dev.is_cuda() { "cuda" } else { "cpu" };
-            Ok((Arc::new(g), name.to_string()))
+            Ok((Arc::new(g), model::device_name(&dev)))
         })?;
         Ok(Self {
             inner,
@@ -105,7 +104,7 @@ impl PyGenerator {
         self.inner.max_context()
     }
 
-    /// "cpu" or "cuda".
+    /// "cpu" or "cuda:N".
     #[getter]
     fn device(&self) -> String {
         self.device.clone()

@@ -152,6 +152,12 @@ fn rows_for_split_pc(split_pc: String, n: u64) -> PyResult<u64> {
         .map_err(|e| Python::with_gil(|py| errors::to_pyerr(py, e)))
 }
 
+/// Whether this build of ferrotune can use a CUDA GPU here (built with CUDA, and a GPU opens).
+#[pyfunction]
+fn cuda_available() -> bool {
+    crate::model::device("auto").is_ok_and(|d| d.is_cuda())
+}
+
 #[pymodule]
 #[pyo3(name = "_core")]
 fn ferrotune_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -160,6 +166,7 @@ fn ferrotune_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(split_names, m)?)?;
     m.add_function(wrap_pyfunction!(hub_download, m)?)?;
     m.add_function(wrap_pyfunction!(rows_for_split_pc, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(_json_string, m)?)?;
     m.add_class::<chat::PyChatTokenizer>()?;
     m.add_function(wrap_pyfunction!(chat::tokenize_dataset, m)?)?;

@@ -411,7 +411,7 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         tokens_per_second: tokens_this_run as f64 / train_seconds.max(1e-9),
         adapter_dir,
         merged_dir,
-        device: format!("{:?}", device.location()),
+        device: crate::model::device_name(&device),
         resumed_from,
     };
     let _ = train_path;

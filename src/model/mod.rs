@@ -7,6 +7,7 @@ pub mod lora;
 pub mod ops;
 pub mod phi3;
 pub mod random;
+pub mod skinny;
 pub mod weights;
 
 pub use config::Phi3Config;

@@ -483,7 +483,7 @@ impl Phi3 {
                 scores = scores.broadcast_add(mask)?;
             }
             let p = ops::softmax_last(&scores)?.to_dtype(self.dtype)?;
-            outs.push(p.matmul(&vs.contiguous()?)?);
+            outs.push(p.matmul(&vs)?);
         }
         let attn = Tensor::cat(&outs, 1)?
             .transpose(0, 1)?
@@ -541,7 +541,7 @@ impl Phi3 {
         let last: Vec<u32> = b.segments.iter().map(|&(s, len)| (s + len - 1) as u32).collect();
         let last = Tensor::from_vec(last, b.segments.len(), &self.device)?;
         let h = ops::rms_norm(&x.index_select(&last, 0)?, &self.norm, self.cfg.rms_norm_eps)?;
-        Ok(ops::frozen_linear(&h, &self.lm_head)?.to_dtype(DType::F32)?)
+        Ok(super::skinny::matmul_t(&h, &self.lm_head)?.to_dtype(DType::F32)?)
     }
 
     /// Logits for every position (tokens, vocab), f32.
@@ -657,7 +657,7 @@ impl Phi3 {
 impl Linear {
     /// Forward with the adapter's weights detached (no graph).
     pub fn forward_detached(&self, x: &Tensor, dropout_seed: Option<u64>) -> CResult<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = super::skinny::matmul_t(x, &self.weight)?;
         match &self.lora {
             None => Ok(y),
             Some(l) => {

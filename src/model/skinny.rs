@@ -1,0 +1,176 @@
+//! `x @ w.T` on the CPU for a few rows of `x` (decoding: one row per conversation).
+//!
+//! Why our own kernel: candle's CPU matmul (the `gemm` crate) packs the weight matrix into
+//! panels on every call. For a handful of rows that packing reads and writes the whole
+//! weight once more, so a decoding step moved the weights through memory about twice (a
+//! profile of batched decoding: ~50 % of the time in the packing routines). Here every
+//! weight row is read once, straight from the safetensors-backed tensor, and dotted with
+//! all rows of `x` while it is in cache; output columns are split across threads.
+
+use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Rows of `x` up to which [`linear`] uses this kernel.
+pub const MAX_ROWS: usize = 16;
+const LANES: usize = 16;
+/// Output columns per parallel task (a 3072-wide weight row is 12 KiB).
+const COLS_PER_TASK: usize = 64;
+
+/// `x @ w.T` for `x` (m, k) and `w` (n, k), both f32, contiguous and on the CPU, with
+/// m <= [`MAX_ROWS`]; `None` when the kernel does not apply (the caller uses candle's).
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let (Ok((m, k)), Ok((n, k2))) = (x.dims2(), w.dims2()) else {
+        return Ok(None);
+    };
+    if m == 0
+        || m > MAX_ROWS
+        || k != k2
+        || !matches!(x.device(), Device::Cpu)
+        || x.dtype() != DType::F32
+        || w.dtype() != DType::F32
+        || !x.is_contiguous()
+        || !w.is_contiguous()
+    {
+        return Ok(None);
+    }
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(xv)), Storage::Cpu(CpuStorage::F32(wv))) = (&*xs, &*ws)
+    else {
+        return Ok(None);
+    };
+    let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
+    else {
+        return Ok(None);
+    };
+    let (xv, wv) = (&xv[x0..x1], &wv[w0..w1]);
+    // Computed transposed, (n, m): each task owns a contiguous block of output columns.
+    let mut yt = vec![0f32; n * m];
+    yt.par_chunks_mut(COLS_PER_TASK * m)
+        .enumerate()
+        .for_each(|(t, out)| {
+            let j0 = t * COLS_PER_TASK;
+            let rows = out.len() / m;
+            dot_rows(&wv[j0 * k..(j0 + rows) * k], xv, m, k, out);
+        });
+    let y = Tensor::from_vec(yt, (n, m), &Device::Cpu)?;
+    Ok(Some(y.t()?.contiguous()?))
+}
+
+/// `x @ w.T` without a graph: this kernel for a few rows on the CPU, candle's matmul
+/// otherwise.
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    match linear(x, w)? {
+        Some(y) => Ok(y),
+        None => x.matmul(&w.t()?),
+    }
+}
+
+/// For every weight row j of `w` (rows × k): `out[j * m + i] = w_j · x_i`.
+fn dot_rows(w: &[f32], x: &[f32], m: usize, k: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the features the function was compiled for.
+            return unsafe { dot_rows_avx512(w, x, m, k, out) };
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { dot_rows_avx2(w, x, m, k, out) };
+        }
+    }
+    by_rows(w, x, m, k, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_rows_avx512(w: &[f32], x: &[f32], m: usize, k: usize, out: &mut [f32]) {
+    by_rows(w, x, m, k, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_rows_avx2(w: &[f32], x: &[f32], m: usize, k: usize, out: &mut [f32]) {
+    by_rows(w, x, m, k, out)
+}
+
+/// Picks the body compiled for `m` rows (a compile-time count keeps the accumulators in
+/// registers).
+#[inline(always)]
+fn by_rows(w: &[f32], x: &[f32], m: usize, k: usize, out: &mut [f32]) {
+    macro_rules! dispatch {
+        ($($n:literal)*) => {
+            match m {
+                $($n => body::<$n>(w, x, k, out),)*
+                _ => unreachable!("m <= MAX_ROWS is checked by the caller"),
+            }
+        };
+    }
+    dispatch!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16)
+}
+
+/// The portable body, compiled once per instruction set above: lane-wise partial sums
+/// that the compiler turns into vector registers.
+#[inline(always)]
+fn body<const M: usize>(w: &[f32], x: &[f32], k: usize, out: &mut [f32]) {
+    let full = k / LANES * LANES;
+    for (j, wrow) in w.chunks_exact(k).enumerate() {
+        let mut acc = [[0f32; LANES]; M];
+        for c in (0..full).step_by(LANES) {
+            let wc: &[f32; LANES] = wrow[c..c + LANES].try_into().expect("LANES floats");
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xc: &[f32; LANES] = x[i * k + c..i * k + c + LANES]
+                    .try_into()
+                    .expect("LANES floats");
+                for l in 0..LANES {
+                    a[l] += wc[l] * xc[l];
+                }
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            let mut s: f32 = a.iter().sum();
+            for c in full..k {
+                s += wrow[c] * x[i * k + c];
+            }
+            out[j * M + i] = s;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn equals_candle_matmul() {
+        let dev = Device::Cpu;
+        for (m, k, n) in [(1, 64, 10), (4, 100, 130), (16, 37, 3), (3, 3072, 200)] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let got = linear(&x, &w).unwrap().expect("applies");
+            let want = x.matmul(&w.t().unwrap()).unwrap();
+            let diff = (got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff <= 1e-5 * scale.max(1.0), "{m}x{k}x{n}: {diff}");
+        }
+    }
+
+    #[test]
+    fn declines_what_it_does_not_handle() {
+        let dev = Device::Cpu;
+        let w = Tensor::zeros((8, 4), DType::F32, &dev).unwrap();
+        let many = Tensor::zeros((MAX_ROWS + 1, 4), DType::F32, &dev).unwrap();
+        assert!(linear(&many, &w).unwrap().is_none());
+        let f64x = Tensor::zeros((2, 4), DType::F64, &dev).unwrap();
+        assert!(linear(&f64x, &w).unwrap().is_none());
+        let strided = Tensor::zeros((4, 2), DType::F32, &dev).unwrap().t().unwrap();
+        assert!(linear(&strided, &w).unwrap().is_none());
+    }
+}

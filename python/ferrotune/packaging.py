@@ -304,6 +304,9 @@ def _check_requirement(req: Optional[str]) -> str:
 # ---------------------------------------------------------------------------------------
 # YAML (the few shapes MLmodel / conda.yaml / python_env.yaml need)
 # ---------------------------------------------------------------------------------------
+# Written here rather than with PyYAML so that ferrotune's runtime dependencies stay tqdm +
+# numpy (a deployment image installs ferrotune alone); the tests read every file back with
+# yaml.safe_load and MLflow's own readers.
 
 _YAML_WORDS = {"y", "n", "yes", "no", "on", "off", "true", "false", "null", "none", "~"}
 

@@ -1,6 +1,7 @@
 //! The model: Phi-3 configuration and weights, ops with explicit backward, LoRA, and
 //! PEFT / Hugging Face export.
 
+pub mod attention;
 pub mod config;
 pub mod export;
 pub mod lora;

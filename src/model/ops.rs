@@ -106,23 +106,22 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     })
 }
 
-/// Rotate-half RoPE on `x` (b, heads, t, d) with per-position `cos`/`sin` (t, d/2). The
-/// rotation is orthogonal, so its backward is the same rotation with `-sin`.
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let y = candle_nn::rotary_emb::rope(&x.detach(), cos, sin)?;
-    let cos = cos.clone();
-    let neg_sin = sin.neg()?;
-    attach(x, y, "rope", move |_, _, g| {
-        candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &neg_sin)
-    })
-}
-
-/// Softmax over the last dim: `dx = y * (dy - sum(dy * y))`.
-pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    let y = candle_nn::ops::softmax_last_dim(&x.detach())?;
-    attach(x, y, "softmax", move |_, y, g| {
-        let dot = (g * y)?.sum_keepdim(D::Minus1)?;
-        y * g.broadcast_sub(&dot)?
+/// SwiGLU of the fused `gate_up` projection (tokens, 2·i): `silu(gate) * up` (tokens, i).
+/// One op for both halves, so the backward writes `[d gate, d up]` side by side instead of
+/// padding each half's gradient to full width.
+pub fn swiglu(gu: &Tensor) -> Result<Tensor> {
+    let i = gu.dim(D::Minus1)? / 2;
+    let g = gu.detach();
+    let y = (g.narrow(D::Minus1, 0, i)?.silu()? * g.narrow(D::Minus1, i, i)?)?;
+    attach(gu, y, "swiglu", move |gu, _, dy| {
+        let gate = gu.narrow(D::Minus1, 0, i)?;
+        let up = gu.narrow(D::Minus1, i, i)?;
+        let sig = candle_nn::ops::sigmoid(&gate)?;
+        // silu'(x) = σ(x) · (1 + x · (1 − σ(x)))
+        let dsilu = (&sig * ((&gate * (1.0 - &sig)?)? + 1.0)?)?;
+        let d_gate = (dy * &up)?.mul(&dsilu)?;
+        let d_up = (dy * (&gate * &sig)?)?;
+        Tensor::cat(&[d_gate, d_up], D::Minus1)
     })
 }
 
@@ -185,12 +184,12 @@ pub fn linear_cross_entropy(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! Each fused op's attached backward against candle's own differentiable composition.
     use super::*;
     use candle_core::{Device, Var};
 
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
+    pub(crate) fn randn(shape: &[usize], seed: u64) -> Tensor {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let n: usize = shape.iter().product();
@@ -198,7 +197,7 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
             .abs()
@@ -210,7 +209,7 @@ mod tests {
     }
 
     /// d(sum(f(x) * probe))/dx through `fast` and through `slow`.
-    fn grads(
+    pub(crate) fn grads(
         x: &Tensor,
         fast: impl Fn(&Tensor) -> Result<Tensor>,
         slow: impl Fn(&Tensor) -> Result<Tensor>,
@@ -246,25 +245,11 @@ mod tests {
     }
 
     #[test]
-    fn rope_backward() {
-        let x = randn(&[1, 3, 7, 8], 3);
-        let cos = randn(&[7, 4], 4);
-        let sin = randn(&[7, 4], 5);
-        let (yf, ys, gf, gs) = grads(
-            &x,
-            |x| rope(x, &cos, &sin),
-            |x| candle_nn::rotary_emb::rope_slow(x, &cos, &sin),
-        );
-        assert!(max_diff(&yf, &ys) < 1e-5);
-        assert!(max_diff(&gf, &gs) < 1e-5);
-    }
-
-    #[test]
-    fn softmax_backward() {
-        let x = randn(&[4, 9], 6);
-        let (yf, ys, gf, gs) = grads(&x, softmax_last, |x| candle_nn::ops::softmax(x, D::Minus1));
+    fn swiglu_backward() {
+        let x = randn(&[5, 12], 3);
+        let (yf, ys, gf, gs) = grads(&x, swiglu, |x| x.narrow(1, 0, 6)?.silu()? * x.narrow(1, 6, 6)?);
         assert!(max_diff(&yf, &ys) < 1e-6);
-        assert!(max_diff(&gf, &gs) < 1e-6);
+        assert!(max_diff(&gf, &gs) < 1e-5, "{}", max_diff(&gf, &gs));
     }
 
     #[test]

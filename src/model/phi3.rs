@@ -7,12 +7,14 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Result as CResult, Tensor, Var};
 use candle_nn::kv_cache::KvCache;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use super::attention;
 use super::config::Phi3Config;
 use super::lora::{peft_key, Linear, Lora, LoraConfig};
 use super::ops;
@@ -46,12 +48,8 @@ impl Layer {
 /// are already in its KV cache, so its positions start there.
 pub struct Batch {
     ids: Tensor,
-    segments: Vec<(usize, usize)>,
-    past: Vec<usize>,
-    cos: Tensor,
-    sin: Tensor,
-    /// Additive masks by (segment length, past length); `None` where every key is visible.
-    masks: HashMap<(usize, usize), Option<Tensor>>,
+    /// Segments, past lengths, RoPE tables and masks (see [`attention::Layout`]).
+    attn: Arc<attention::Layout>,
     /// Positions that have a target, and the targets (both u32).
     target_pos: Option<Tensor>,
     targets: Option<Tensor>,
@@ -60,7 +58,7 @@ pub struct Batch {
 
 impl Batch {
     pub fn n_tokens(&self) -> usize {
-        self.segments.iter().map(|s| s.1).sum()
+        self.attn.segments.iter().map(|s| s.1).sum()
     }
     pub fn n_targets(&self) -> usize {
         self.n_targets
@@ -74,6 +72,11 @@ pub struct SeqCache {
 }
 
 impl SeqCache {
+    /// Appends layer `l`'s keys and values (kv heads, tokens, dim); returns all cached.
+    pub(super) fn append(&mut self, l: usize, k: &Tensor, v: &Tensor) -> CResult<(Tensor, Tensor)> {
+        self.layers[l].append(k, v)
+    }
+
     /// Tokens cached so far.
     pub fn len(&self) -> usize {
         self.layers
@@ -361,11 +364,13 @@ impl Phi3 {
         };
         Ok(Batch {
             ids: Tensor::from_slice(ids, n, dev)?,
-            segments,
-            past: past.to_vec(),
-            cos,
-            sin,
-            masks,
+            attn: Arc::new(attention::Layout {
+                segments,
+                past: past.to_vec(),
+                cos,
+                sin,
+                masks,
+            }),
             target_pos,
             targets,
             n_targets,
@@ -429,13 +434,11 @@ impl Phi3 {
         b: &Batch,
         grad: bool,
         seed: Option<u64>,
-        mut caches: Option<&mut [&mut SeqCache]>,
+        caches: Option<&mut [&mut SeqCache]>,
     ) -> CResult<Tensor> {
         let layer = &self.layers[l];
         let cfg = &self.cfg;
         let eps = cfg.rms_norm_eps;
-        let (n, hd) = (x.dim(0)?, cfg.head_dim);
-        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let lin = |lin: &Linear, x: &Tensor, k: u64| -> CResult<Tensor> {
             let s = seed.map(|s| seed_mix(s, l as u64, k));
             if grad {
@@ -446,54 +449,17 @@ impl Phi3 {
         };
         let h = ops::rms_norm(x, &layer.input_norm, eps)?;
         let qkv = lin(&layer.qkv, &h, 0)?;
-        let heads = |start: usize, count: usize| -> CResult<Tensor> {
-            qkv.narrow(1, start * hd, count * hd)?
-                .reshape((n, count, hd))?
-                .transpose(0, 1)?
-                .contiguous()?
-                .unsqueeze(0)
+        let heads = attention::Heads {
+            q: cfg.num_attention_heads,
+            kv: cfg.num_key_value_heads,
+            dim: cfg.head_dim,
+            dtype: self.dtype,
         };
-        let q = ops::rope(&heads(0, nh)?, &b.cos, &b.sin)?.squeeze(0)?;
-        let k = ops::rope(&heads(nh, nkv)?, &b.cos, &b.sin)?.squeeze(0)?;
-        let v = heads(nh + nkv, nkv)?.squeeze(0)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let rep = nh / nkv;
-        let mut outs = Vec::with_capacity(b.segments.len());
-        for (i, (&(s, len), &past)) in b.segments.iter().zip(&b.past).enumerate() {
-            let qs = q.narrow(1, s, len)?.contiguous()?;
-            let mut ks = k.narrow(1, s, len)?.contiguous()?;
-            let mut vs = v.narrow(1, s, len)?.contiguous()?;
-            if let Some(c) = caches.as_deref_mut() {
-                (ks, vs) = c[i].layers[l].append(&ks, &vs)?;
-            }
-            let keys = ks.dim(1)?;
-            debug_assert_eq!(keys, past + len);
-            if rep > 1 {
-                let expand = |t: &Tensor| -> CResult<Tensor> {
-                    t.unsqueeze(1)?
-                        .expand((nkv, rep, keys, hd))?
-                        .contiguous()?
-                        .reshape((nh, keys, hd))
-                };
-                ks = expand(&ks)?;
-                vs = expand(&vs)?;
-            }
-            let mut scores = (qs.matmul(&ks.t()?)? * scale)?.to_dtype(DType::F32)?;
-            if let Some(mask) = &b.masks[&(len, past)] {
-                scores = scores.broadcast_add(mask)?;
-            }
-            let p = ops::softmax_last(&scores)?.to_dtype(self.dtype)?;
-            outs.push(p.matmul(&vs)?);
-        }
-        let attn = Tensor::cat(&outs, 1)?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((n, nh * hd))?;
+        let attn = attention::attention(&qkv, heads, &b.attn, caches, l)?;
         let x = (x + lin(&layer.o, &attn, 1)?)?;
         let h = ops::rms_norm(&x, &layer.post_norm, eps)?;
         let gu = lin(&layer.gate_up, &h, 2)?;
-        let i = cfg.intermediate_size;
-        let act = (gu.narrow(1, 0, i)?.silu()? * gu.narrow(1, i, i)?)?;
+        let act = ops::swiglu(&gu)?;
         x + lin(&layer.down, &act, 3)?
     }
 
@@ -519,14 +485,14 @@ impl Phi3 {
     /// cache) through the model, appending keys and values to `caches`, and returns the
     /// logits of each segment's last token, (segments, vocab) in f32.
     pub fn forward_cached(&self, b: &Batch, caches: &mut [&mut SeqCache]) -> Result<Tensor> {
-        if caches.len() != b.segments.len() {
+        if caches.len() != b.attn.segments.len() {
             return Err(Error::InvalidArgument(format!(
                 "{} caches for {} segments",
                 caches.len(),
-                b.segments.len()
+                b.attn.segments.len()
             )));
         }
-        for (c, &p) in caches.iter().zip(&b.past) {
+        for (c, &p) in caches.iter().zip(&b.attn.past) {
             if c.len() != p {
                 return Err(Error::InvalidArgument(format!(
                     "a cache holds {} tokens but the batch continues after {p}",
@@ -538,8 +504,8 @@ impl Phi3 {
         for l in 0..self.layers.len() {
             x = self.layer(l, &x, b, false, None, Some(&mut *caches))?;
         }
-        let last: Vec<u32> = b.segments.iter().map(|&(s, len)| (s + len - 1) as u32).collect();
-        let last = Tensor::from_vec(last, b.segments.len(), &self.device)?;
+        let last: Vec<u32> = b.attn.segments.iter().map(|&(s, len)| (s + len - 1) as u32).collect();
+        let last = Tensor::from_vec(last, b.attn.segments.len(), &self.device)?;
         let h = ops::rms_norm(&x.index_select(&last, 0)?, &self.norm, self.cfg.rms_norm_eps)?;
         Ok(super::skinny::matmul_t(&h, &self.lm_head)?.to_dtype(DType::F32)?)
     }

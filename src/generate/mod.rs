@@ -150,7 +150,11 @@ impl Generator {
         let text = match messages.last() {
             Some(last) if last.role == "assistant" => {
                 let mut tagged = messages.to_vec();
-                tagged.last_mut().expect("non-empty").content.push_str(CONTINUE_TAG);
+                tagged
+                    .last_mut()
+                    .expect("non-empty")
+                    .content
+                    .push_str(CONTINUE_TAG);
                 let rendered = self.render(&tagged, false)?;
                 let tag = CONTINUE_TAG.trim_end();
                 let at = rendered.rfind(tag).ok_or_else(|| {
@@ -203,7 +207,8 @@ impl Generator {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut streams: Vec<TextStream> = (0..prompts.len()).map(|_| TextStream::default()).collect();
+        let mut streams: Vec<TextStream> =
+            (0..prompts.len()).map(|_| TextStream::default()).collect();
         let raw = self.generate_ids(&prompts, params, ctx, &mut |i, id| {
             if stream && !self.eos.contains(&id) {
                 if let Some(piece) = streams[i].push(&self.tokenizer, id)? {

@@ -59,7 +59,9 @@ pub fn attention(
         return Ok(y);
     }
     let lay = Arc::clone(lay);
-    ops::attach(qkv, y, "attention", move |qkv, _, dy| backward(qkv, dy, h, &lay))
+    ops::attach(qkv, y, "attention", move |qkv, _, dy| {
+        backward(qkv, dy, h, &lay)
+    })
 }
 
 /// q (heads, tokens, dim), k and v (kv heads, tokens, dim), with RoPE applied to q and k.
@@ -133,10 +135,7 @@ fn forward(
 fn backward(qkv: &Tensor, dy: &Tensor, h: Heads, lay: &Layout) -> Result<Tensor> {
     let n = qkv.dim(0)?;
     let (q, k, v) = split(qkv, h, lay)?;
-    let dy = dy
-        .reshape((n, h.q, h.dim))?
-        .transpose(0, 1)?
-        .contiguous()?;
+    let dy = dy.reshape((n, h.q, h.dim))?.transpose(0, 1)?.contiguous()?;
     let rep = h.q / h.kv;
     let scale = h.scale();
     let (mut dqs, mut dks, mut dvs) = (vec![], vec![], vec![]);
@@ -150,8 +149,8 @@ fn backward(qkv: &Tensor, dy: &Tensor, h: Heads, lay: &Layout) -> Result<Tensor>
         // dV = Pᵀ dO; dP = dO Vᵀ; dS = P ⊙ (dP − Σ dP ⊙ P); dQ = dS K·s; dK = dSᵀ Q·s
         let dve = pd.t()?.matmul(&dos)?;
         let dp = dos.matmul(&ve.t()?)?.to_dtype(DType::F32)?;
-        let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?
-            .to_dtype(h.dtype)?;
+        let ds =
+            (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?.to_dtype(h.dtype)?;
         dqs.push((ds.matmul(&ke)? * scale)?);
         let dke = (ds.t()?.matmul(&qs)? * scale)?;
         let fold = |t: Tensor| -> Result<Tensor> {
@@ -223,7 +222,13 @@ mod tests {
 
     fn causal(len: usize) -> Tensor {
         let v: Vec<f32> = (0..len * len)
-            .map(|i| if i % len <= i / len { 0.0 } else { f32::NEG_INFINITY })
+            .map(|i| {
+                if i % len <= i / len {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
             .collect();
         Tensor::from_vec(v, (len, len), &candle_core::Device::Cpu).unwrap()
     }

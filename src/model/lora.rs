@@ -114,9 +114,11 @@ impl Lora {
         if let (Some(seed), true) = (dropout_seed, self.dropout > 0.0) {
             x = x.broadcast_mul(&dropout_mask(x.dims(), self.dropout, seed, x.device())?)?;
         }
-        let h = x.matmul(&self.a.as_tensor().t()?)?;
-        let y = (h.matmul(&self.b.as_tensor().t()?)? * self.scale)?;
-        y.to_dtype(dtype)
+        // The scale goes on the rank-r intermediate, not on the (tokens, out) result: one
+        // pass over a tensor `out / r` times smaller (PEFT scales last; the two differ by
+        // rounding only, and not at all for power-of-two scales such as alpha/r = 16).
+        let h = (x.matmul(&self.a.as_tensor().t()?)? * self.scale)?;
+        h.matmul(&self.b.as_tensor().t()?)?.to_dtype(dtype)
     }
 
     /// `scale · B @ A` (out, in) in f32: what merging adds to the base weight.

@@ -247,7 +247,9 @@ pub(crate) mod tests {
     #[test]
     fn swiglu_backward() {
         let x = randn(&[5, 12], 3);
-        let (yf, ys, gf, gs) = grads(&x, swiglu, |x| x.narrow(1, 0, 6)?.silu()? * x.narrow(1, 6, 6)?);
+        let (yf, ys, gf, gs) = grads(&x, swiglu, |x| {
+            x.narrow(1, 0, 6)?.silu()? * x.narrow(1, 6, 6)?
+        });
         assert!(max_diff(&yf, &ys) < 1e-6);
         assert!(max_diff(&gf, &gs) < 1e-5, "{}", max_diff(&gf, &gs));
     }

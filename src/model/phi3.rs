@@ -313,7 +313,9 @@ impl Phi3 {
                 .longrope
                 .as_ref()
                 .is_some_and(|l| total > l.original_max_position_embeddings);
-            let inv = freqs.entry(long).or_insert_with(|| self.inv_freq_f32(total));
+            let inv = freqs
+                .entry(long)
+                .or_insert_with(|| self.inv_freq_f32(total));
             for p in p0..total {
                 for &f in inv.iter() {
                     // f32 like transformers: angle = inv_freq * position, then cos/sin.
@@ -504,9 +506,18 @@ impl Phi3 {
         for l in 0..self.layers.len() {
             x = self.layer(l, &x, b, false, None, Some(&mut *caches))?;
         }
-        let last: Vec<u32> = b.attn.segments.iter().map(|&(s, len)| (s + len - 1) as u32).collect();
+        let last: Vec<u32> = b
+            .attn
+            .segments
+            .iter()
+            .map(|&(s, len)| (s + len - 1) as u32)
+            .collect();
         let last = Tensor::from_vec(last, b.attn.segments.len(), &self.device)?;
-        let h = ops::rms_norm(&x.index_select(&last, 0)?, &self.norm, self.cfg.rms_norm_eps)?;
+        let h = ops::rms_norm(
+            &x.index_select(&last, 0)?,
+            &self.norm,
+            self.cfg.rms_norm_eps,
+        )?;
         Ok(super::skinny::matmul_t(&h, &self.lm_head)?.to_dtype(DType::F32)?)
     }
 
@@ -637,10 +648,9 @@ impl Linear {
                         xf.device(),
                     )?)?;
                 }
-                let d = xf
-                    .matmul(&l.a.as_detached_tensor().t()?)?
+                let d = (xf.matmul(&l.a.as_detached_tensor().t()?)? * l.scale)?
                     .matmul(&l.b.as_detached_tensor().t()?)?;
-                y + (d * l.scale)?.to_dtype(dtype)?
+                y + d.to_dtype(dtype)?
             }
         }
     }

@@ -114,7 +114,11 @@ pub fn create_random_model(
             add(format!("{p}{block}.{module}.weight"), &[out, inp], &mut rng)?;
         }
         add(format!("{p}input_layernorm.weight"), &[h], &mut rng)?;
-        add(format!("{p}post_attention_layernorm.weight"), &[h], &mut rng)?;
+        add(
+            format!("{p}post_attention_layernorm.weight"),
+            &[h],
+            &mut rng,
+        )?;
     }
     add("model.norm.weight".into(), &[h], &mut rng)?;
     if !cfg.tie_word_embeddings {
@@ -175,8 +179,12 @@ mod tests {
                           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100});
         create_random_model(&dir, &over, 1, None).unwrap();
         let cfg = super::super::weights::read_config(&dir).unwrap();
-        assert_eq!((cfg.hidden_size, cfg.num_key_value_heads, cfg.vocab_size), (32, 2, 100));
-        let m = super::super::Phi3::load_frozen(&dir, &Device::Cpu, candle_core::DType::F32).unwrap();
+        assert_eq!(
+            (cfg.hidden_size, cfg.num_key_value_heads, cfg.vocab_size),
+            (32, 2, 100)
+        );
+        let m =
+            super::super::Phi3::load_frozen(&dir, &Device::Cpu, candle_core::DType::F32).unwrap();
         let b = m.batch(&[1, 2, 3], None, &[3]).unwrap();
         let logits = m.logits(&b).unwrap();
         assert_eq!(logits.dims(), &[3, 100]);
@@ -185,10 +193,21 @@ mod tests {
         create_random_model(&again, &over, 1, None).unwrap();
         let read = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
         assert_eq!(read(&dir), read(&again));
-        let w = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
-        let e: Vec<f32> = w["model.embed_tokens.weight"].flatten_all().unwrap().to_vec1().unwrap();
+        let w =
+            candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+        let e: Vec<f32> = w["model.embed_tokens.weight"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let var = e.iter().map(|x| x * x).sum::<f32>() / e.len() as f32;
         assert!((var.sqrt() - 0.02).abs() < 0.002, "{}", var.sqrt());
-        assert!(create_random_model(&dir, &json!({"hidden_size": 30, "num_attention_heads": 4}), 1, None).is_err());
+        assert!(create_random_model(
+            &dir,
+            &json!({"hidden_size": 30, "num_attention_heads": 4}),
+            1,
+            None
+        )
+        .is_err());
     }
 }

@@ -157,7 +157,13 @@ mod tests {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
-            let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let scale = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(diff <= 1e-5 * scale.max(1.0), "{m}x{k}x{n}: {diff}");
         }
     }
@@ -170,7 +176,10 @@ mod tests {
         assert!(linear(&many, &w).unwrap().is_none());
         let f64x = Tensor::zeros((2, 4), DType::F64, &dev).unwrap();
         assert!(linear(&f64x, &w).unwrap().is_none());
-        let strided = Tensor::zeros((4, 2), DType::F32, &dev).unwrap().t().unwrap();
+        let strided = Tensor::zeros((4, 2), DType::F32, &dev)
+            .unwrap()
+            .t()
+            .unwrap();
         assert!(linear(&strided, &w).unwrap().is_none());
     }
 }

@@ -196,10 +196,7 @@ impl PyGenerator {
         let out = run_blocking(py, progress, move |ctx| {
             g.generate_ids(&prompts, &p, ctx, &mut |_, _| Ok(()))
         })?;
-        Ok(out
-            .into_iter()
-            .map(|(ids, r)| (ids, r.as_str()))
-            .collect())
+        Ok(out.into_iter().map(|(ids, r)| (ids, r.as_str())).collect())
     }
 
     fn __repr__(&self) -> String {

@@ -97,11 +97,74 @@ fn expand(t: &Tensor, rep: usize) -> Result<Tensor> {
 
 /// Softmax probabilities (f32) of one segment's scores.
 fn probabilities(q: &Tensor, k: &Tensor, h: Heads, mask: Option<&Tensor>) -> Result<Tensor> {
-    let mut scores = (q.matmul(&k.t()?)? * h.scale())?.to_dtype(DType::F32)?;
-    if let Some(m) = mask {
-        scores = scores.broadcast_add(m)?;
+    // Scaling q (tokens × dim) instead of the scores (tokens × tokens): a pass over a far
+    // smaller tensor; exact for power-of-two head dims, a rounding apart otherwise.
+    let scores = (q * h.scale())?.matmul(&k.t()?)?.to_dtype(DType::F32)?;
+    match mask {
+        Some(m) if scores.device().is_cpu() => scores.apply_op2_no_bwd(m, &MaskedSoftmax),
+        Some(m) => candle_nn::ops::softmax_last_dim(&scores.broadcast_add(m)?),
+        None => candle_nn::ops::softmax_last_dim(&scores),
     }
-    candle_nn::ops::softmax_last_dim(&scores)
+}
+
+/// softmax(scores + mask) over the last dim in one pass per row on the CPU: scores
+/// (heads, q, k) and an additive mask (q, k), both f32. Masked (-inf) entries become 0
+/// without an `exp`; no `scores + mask` tensor is made.
+struct MaskedSoftmax;
+
+impl candle_core::CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        ls: &candle_core::Layout,
+        m: &candle_core::CpuStorage,
+        lm: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (s, m) = match (s, m) {
+            (candle_core::CpuStorage::F32(s), candle_core::CpuStorage::F32(m)) => (s, m),
+            _ => candle_core::bail!("masked-softmax: f32 scores and mask expected"),
+        };
+        let (Some((s0, s1)), Some((m0, m1))) = (ls.contiguous_offsets(), lm.contiguous_offsets())
+        else {
+            candle_core::bail!("masked-softmax: contiguous inputs expected")
+        };
+        let (s, m) = (&s[s0..s1], &m[m0..m1]);
+        let dims = ls.shape().dims();
+        let (q, k) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        if lm.shape().dims() != [q, k] {
+            candle_core::bail!(
+                "masked-softmax: mask {:?} for scores {:?}",
+                lm.shape(),
+                ls.shape()
+            );
+        }
+        let mut out = vec![0f32; s.len()];
+        out.par_chunks_mut(k)
+            .zip(s.par_chunks(k))
+            .enumerate()
+            .for_each(|(r, (o, x))| {
+                let mrow = &m[(r % q) * k..(r % q + 1) * k];
+                let mut max = f32::NEG_INFINITY;
+                for (&a, &b) in x.iter().zip(mrow) {
+                    max = max.max(a + b);
+                }
+                let mut sum = 0f32;
+                for ((o, &a), &b) in o.iter_mut().zip(x).zip(mrow) {
+                    if b != f32::NEG_INFINITY {
+                        *o = (a + b - max).exp();
+                        sum += *o;
+                    }
+                }
+                let inv = 1.0 / sum;
+                o.iter_mut().for_each(|v| *v *= inv);
+            });
+        Ok((candle_core::CpuStorage::F32(out), ls.shape().clone()))
+    }
 }
 
 fn forward(

@@ -112,7 +112,11 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 pub fn swiglu(gu: &Tensor) -> Result<Tensor> {
     let i = gu.dim(D::Minus1)? / 2;
     let g = gu.detach();
-    let y = (g.narrow(D::Minus1, 0, i)?.silu()? * g.narrow(D::Minus1, i, i)?)?;
+    let y = if g.device().is_cpu() && g.dtype() == DType::F32 && g.rank() == 2 {
+        g.contiguous()?.apply_op1_no_bwd(&SwigluCpu)?
+    } else {
+        (g.narrow(D::Minus1, 0, i)?.silu()? * g.narrow(D::Minus1, i, i)?)?
+    };
     attach(gu, y, "swiglu", move |gu, _, dy| {
         let gate = gu.narrow(D::Minus1, 0, i)?;
         let up = gu.narrow(D::Minus1, i, i)?;
@@ -123,6 +127,35 @@ pub fn swiglu(gu: &Tensor) -> Result<Tensor> {
         let d_up = (dy * (&gate * &sig)?)?;
         Tensor::cat(&[d_gate, d_up], D::Minus1)
     })
+}
+
+/// SwiGLU's forward on the CPU in one parallel pass over the rows (candle's `silu` and
+/// `mul` on the two strided halves run single-threaded and allocate in between).
+struct SwigluCpu;
+
+impl candle_core::CustomOp1 for SwigluCpu {
+    fn name(&self) -> &'static str {
+        "swiglu-cpu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (CpuStorage::F32(v), Some((a, b))) = (s, l.contiguous_offsets()) else {
+            candle_core::bail!("swiglu-cpu: contiguous f32 expected")
+        };
+        let (rows, width) = l.shape().dims2()?;
+        let i = width / 2;
+        let mut out = vec![0f32; rows * i];
+        out.par_chunks_mut(i)
+            .zip(v[a..b].par_chunks(width))
+            .for_each(|(o, x)| {
+                let (gate, up) = x.split_at(i);
+                for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((rows, i))))
+    }
 }
 
 /// Rows of logits computed at a time by [`linear_cross_entropy`]: bounds the f32 logits

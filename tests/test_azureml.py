@@ -297,6 +297,10 @@ result["gpu_warnings"] = [str(w.message) for w in caught]
 text, loaded = dump_and_load(job, tmp / "job.yml", load_job)
 y = yaml.safe_load(text)
 first, second, third = loaded.command.split(" && ")
+# two GPUs: every process runs the command; only rank 0 packages and copies the model
+guard_open, guard_close = 'if [ "${RANK:-0}" = 0 ]; then ', "; fi"
+result["guard"] = [second.startswith(guard_open), third.endswith(guard_close)]
+second, third = second[len(guard_open):], third[: -len(guard_close)]
 argv = shlex.split(first)
 assert argv[:2] == ["ferrotune", "finetune"], argv
 sub = {"${{inputs.model}}": str(tmp), "${{inputs.train_file}}": str(train), "${{inputs.validation_file}}": str(test)}
@@ -308,7 +312,7 @@ result["job"] = {
                                       "output_dir", "validation_file")},
     "notes": notes,
     "inputs": y["inputs"], "outputs": y["outputs"],
-    "distribution": loaded.distribution,
+    "distribution": y.get("distribution"),
     "instance_count": loaded.resources.instance_count, "compute": loaded.compute,
     "experiment": loaded.experiment_name, "display_name": loaded.display_name,
     "image": loaded.environment.image, "conda": loaded.environment.conda_file,
@@ -326,7 +330,7 @@ job1 = az.finetune_job(
     display_name="my run",
 )
 text1, loaded1 = dump_and_load(job1, tmp / "job1.yml", load_job)
-result["job1"] = {"command": loaded1.command, "package": shlex.split(loaded1.command.split(" && ")[2]), "distribution": loaded1.distribution, "inputs": yaml.safe_load(text1)["inputs"],
+result["job1"] = {"command": loaded1.command, "package": shlex.split(loaded1.command.split(" && ")[2]), "distribution": yaml.safe_load(text1).get("distribution"), "inputs": yaml.safe_load(text1)["inputs"],
                   "environment": yaml.safe_load(text1)["environment"], "display_name": loaded1.display_name}
 
 # -- client(): found by searching upwards (.azureml/config.json), default credential, no request
@@ -415,9 +419,9 @@ def test_entities_round_trip_through_the_sdk(side_python, tmp_path):
     assert job["inputs"]["train_file"]["path"].endswith(str(tmp_path / "train_sft.jsonl"))
     assert job["inputs"]["validation_file"]["type"] == "uri_file"
     assert job["outputs"] == {"trained_model": {"type": "mlflow_model"}}
-    # one training process on one GPU (no data-parallel training yet), and the user is told
-    assert job["distribution"] is None
-    assert any("gpus_per_node=2" in w and "1 GPU(s) of each node stay idle" in w for w in r["gpu_warnings"]), r["gpu_warnings"]
+    # one training process per GPU, started by Azure ML (ferrotune finetune joins them)
+    assert job["distribution"] == {"type": "pytorch", "process_count_per_instance": 2}
+    assert r["guard"] == [True, True] and r["gpu_warnings"] == []
     assert job["instance_count"] == 1 and job["compute"] == "gpu-cluster"
     assert job["experiment"] == "chat_completion_Phi-3-mini-4k-instruct"
     assert job["display_name"] == "ferrotune-Phi-3-mini-4k-instruct"
@@ -767,7 +771,10 @@ with FakeArm(tmp) as arm:
     result["no_train_file"] = error(job, train_file=tmp / "nope.jsonl")
     result["no_model"] = error(job, model="./models/phi3")
     result["gpus"] = error(job, gpus_per_node=0)
-    result["nodes"] = error(job, instance_count=2)
+    two_nodes = job(instance_count=2)
+    result["nodes"] = {"instance_count": two_nodes.resources.instance_count,
+                       "distribution": dict(two_nodes.distribution._to_rest_object().as_dict()) if two_nodes.distribution else None,
+                       "command_tail": two_nodes.command.split(" && ", 1)[1]}
     result["register_not_mlflow"] = error(az.register_model, ml, tmp, "x")
     result["requests_after_errors"] = len(arm.requests) - before
 """
@@ -806,6 +813,9 @@ def test_early_errors_are_typed_and_send_nothing(side_python, tmp_path):
     check("no_train_file", "FerrotuneFileNotFoundError", "nope.jsonl", "does not exist")
     check("no_model", "FerrotuneFileNotFoundError", "no such folder")
     check("gpus", "InvalidArgumentError", "gpus_per_node=0")
-    check("nodes", "InvalidArgumentError", "instance_count=2: ferrotune does not train across several nodes")
+    nodes = r["nodes"]
+    assert nodes["instance_count"] == 2
+    assert nodes["distribution"] == {"distributionType": "PyTorch", "processCountPerInstance": 1}, nodes
+    assert nodes["command_tail"].startswith('if [ "${RANK:-0}" = 0 ]; then ferrotune package ') and nodes["command_tail"].endswith("; fi")
     check("register_not_mlflow", "InvalidArgumentError", "not an MLflow model folder")
     assert r["requests_after_errors"] == 0

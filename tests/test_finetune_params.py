@@ -930,14 +930,53 @@ def test_an_mlflow_failure_does_not_stop_training():
     assert text.count("MLflow: logging failed (tracking server down)") == 1 and "step 4" in text
 
 
-@pytest.mark.parametrize("world, refused", [("4", True), ("1", False), ("", False)])
-def test_a_multi_process_launch_is_refused_clearly(fake_native, tmp_path, monkeypatch, world, refused):
-    monkeypatch.setenv("WORLD_SIZE", world)
-    call = lambda: ferrotune.finetune("m", tmp_path / "t.jsonl", output_dir=tmp_path / "o", progress=False, report_to="none")  # noqa: E731
-    if refused:
-        with pytest.raises(InvalidArgumentError, match="WORLD_SIZE=4.*process_count_per_instance=1"):
-            call()
-        assert fake_native.configs == []
-    else:
-        call()
-        assert len(fake_native.configs) == 1
+LAUNCHER_ENV = {"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "10.0.0.4", "MASTER_PORT": "29500"}
+DIST_VARS = (*LAUNCHER_ENV, "FERROTUNE_DIST_TIMEOUT")
+
+
+def test_a_launcher_environment_makes_a_data_parallel_worker(fake_native, tmp_path, monkeypatch):
+    for k, v in LAUNCHER_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("FERROTUNE_DIST_TIMEOUT", "60")
+    seen = []
+    res = ferrotune.finetune("m", tmp_path / "t.jsonl", output_dir=tmp_path / "o", progress="lines", report_to="mlflow",
+                             callbacks=seen.append)
+    (config,) = fake_native.configs
+    assert config["distributed"] == {
+        "rank": 2, "world_size": 4, "local_rank": 0, "master_addr": "10.0.0.4", "master_port": 29500, "timeout_s": 60.0,
+    }
+    # rank 0 reports for the group: a worker shows no progress and logs nothing to MLflow or callbacks
+    assert seen == [] and isinstance(res, FinetuneResult)
+
+
+@pytest.mark.parametrize("world", ["1", "", None])
+def test_without_a_group_nothing_changes(fake_native, tmp_path, monkeypatch, world):
+    for k in DIST_VARS:
+        monkeypatch.delenv(k, raising=False)
+    if world is not None:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    ferrotune.finetune("m", tmp_path / "t.jsonl", output_dir=tmp_path / "o", progress=False, report_to="none")
+    assert "distributed" not in fake_native.configs[0]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 says this is one of several data-parallel processes, but RANK is not set"),
+        ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_PORT is not set"),
+        ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_PORT": "29500"}, "MASTER_ADDR is not set"),
+        ({"WORLD_SIZE": "2", "RANK": "5", "MASTER_PORT": "1", "MASTER_ADDR": "h"}, r"RANK=5 is outside 0\.\.1"),
+        ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
+        ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_PORT": "70000", "MASTER_ADDR": "h"}, "MASTER_PORT=70000 is not a TCP port"),
+        (dict(LAUNCHER_ENV, FERROTUNE_DIST_TIMEOUT="0"), "FERROTUNE_DIST_TIMEOUT='0' must be a positive number"),
+    ],
+)
+def test_a_broken_launcher_environment_is_a_clear_error(fake_native, tmp_path, monkeypatch, env, message):
+    for k in DIST_VARS:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(InvalidArgumentError, match=message):
+        ferrotune.finetune("m", tmp_path / "t.jsonl", output_dir=tmp_path / "o", progress=False, report_to="none")
+    assert fake_native.configs == []
+

@@ -184,6 +184,7 @@ class _Sdk:
         self.Input = ml.Input
         self.Output = ml.Output
         self.command = ml.command
+        self.PyTorchDistribution = ml.PyTorchDistribution
         self.Model = entities.Model
         self.Environment = entities.Environment
         self.ManagedOnlineEndpoint = entities.ManagedOnlineEndpoint
@@ -626,7 +627,8 @@ def finetune_job(
             ``num_train_epochs=3, learning_rate=5e-6, lr_scheduler_type="cosine",
             apply_lora="true", apply_deepspeed="true", deepspeed_stage=2`` plus the model's
             ``model_specific_defaults`` tag). ``None`` values are left out.
-        gpus_per_node: GPUs of one node (what :func:`check_compute` returns).
+        gpus_per_node: GPUs of one node (what :func:`check_compute` returns); one
+            training process per GPU.
         instance_count: nodes.
         experiment_name: the Azure ML experiment (the notebook's by default).
         environment: an ``Environment`` or an environment id; ferrotune is pip-installed
@@ -641,13 +643,13 @@ def finetune_job(
         an ``azure.ai.ml`` command job (``azure.ai.ml.entities.Command``), ready for
         ``ml_client.jobs.create_or_update``.
 
-    Note:
-        ferrotune does not train data-parallel across GPUs yet (``ferrotune finetune``
-        refuses ``WORLD_SIZE > 1``). So the job always runs one training process on one
-        GPU: on a node with ``gpus_per_node > 1`` the other GPUs stay idle (a warning says
-        so; LoRA training of Phi-3-mini fits on one GPU), and ``instance_count > 1`` is
-        refused before anything is submitted. When data-parallel training lands, this is
-        where a ``PyTorchDistribution`` goes.
+    Several GPUs: with ``gpus_per_node > 1`` or ``instance_count > 1`` the job gets a
+    ``PyTorchDistribution`` with one process per GPU. Azure ML starts them and sets
+    ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``; ``ferrotune
+    finetune`` joins them into one data-parallel group (every process takes its share of
+    each optimizer step's micro-batches; gradients are summed before the update, so the
+    effective batch is ``per_device_train_batch_size × gradient_accumulation_steps ×
+    GPUs``, as with the pipeline). Rank 0 alone writes, packages and copies the model.
 
     Raises:
         InvalidArgumentError: an unknown parameter (with the valid names and the
@@ -660,18 +662,7 @@ def finetune_job(
         raise InvalidArgumentError(f"compute={compute!r}: expected the compute cluster's name")
     gpus_per_node = _positive_int("gpus_per_node", gpus_per_node)
     instance_count = _positive_int("instance_count", instance_count)
-    if instance_count > 1:
-        raise InvalidArgumentError(
-            f"instance_count={instance_count}: ferrotune does not train across several nodes yet; every node would "
-            "train the whole model on its own. Use instance_count=1."
-        )
-    if gpus_per_node > 1:
-        warnings.warn(
-            f"gpus_per_node={gpus_per_node}: ferrotune trains on one GPU per job for now (no data-parallel "
-            f"training yet), so {gpus_per_node - 1} GPU(s) of each node stay idle",
-            UserWarning,
-            stacklevel=2,
-        )
+    parallel = gpus_per_node > 1 or instance_count > 1
     params = dict(finetune_parameters or {})
     flags = _finetune_flags(params, validation_file is not None)
     model_input, model_name = _model_input(model)
@@ -693,6 +684,10 @@ def finetune_job(
         package += ["--ferrotune-requirement", shlex.quote(req)]
     copy = ["cp", "-R", f"{PACKAGE_DIR}/.", "${{outputs.trained_model}}"]
     steps = [" ".join(train), " ".join(package), " ".join(copy)]
+    if parallel:
+        # Every process runs this command line: only rank 0 (which wrote the output)
+        # packages and copies it.
+        steps = [steps[0], f'if [ "${{RANK:-0}}" = 0 ]; then {steps[1]} && {steps[2]}; fi']
     if environment is None:
         environment = training_environment(req)
     else:
@@ -704,6 +699,7 @@ def finetune_job(
         environment=environment,
         compute=compute,
         instance_count=instance_count,
+        distribution=sdk.PyTorchDistribution(process_count_per_instance=gpus_per_node) if parallel else None,
         experiment_name=experiment_name,
         display_name=display_name or f"ferrotune-{model_name}",
         description="LoRA fine-tuning with ferrotune (ferrotune finetune + ferrotune package)",

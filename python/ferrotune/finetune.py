@@ -381,7 +381,10 @@ def _check_bool(name: str, v: Any) -> Any:
     return _as_bool(name, v)
 
 
-_ONE_DEVICE = "ferrotune trains on one device (one process, one GPU or the CPU); ignored"
+_ONE_DEVICE = (
+    "the launcher decides: ferrotune trains on the processes it starts (Azure ML's PyTorchDistribution, "
+    "see ferrotune.azureml.finetune_job(gpus_per_node=..., instance_count=...)); ignored"
+)
 
 _PARAMS: dict[str, _Param] = {
     # -- native -----------------------------------------------------------------------------
@@ -426,7 +429,7 @@ _PARAMS: dict[str, _Param] = {
     "token": _Param("str", _parse_token, "Hugging Face token for a Hub model (default: HF_TOKEN / the token file)"),
     # -- Azure ML pipeline names with no ferrotune meaning (validated, then a note) ---------------
     "apply_lora": _Param("bool", _parse_apply_lora, "must be true: ferrotune trains LoRA adapters", native=False),
-    "apply_deepspeed": _ignored("bool", "not needed, ferrotune trains LoRA on one device without DeepSpeed; ignored", _check_bool),
+    "apply_deepspeed": _ignored("bool", "not needed, ferrotune trains LoRA without DeepSpeed (data-parallel over the launched processes); ignored", _check_bool),
     "deepspeed_stage": _ignored("int", "not needed, ferrotune does not use DeepSpeed; ignored", _check_int_ge(0)),
     "deepspeed": _ignored("path", "not needed, ferrotune does not use DeepSpeed; the config is ignored"),
     "apply_ort": _ignored("bool", "not needed, ferrotune does not use ONNX Runtime training; ignored", _check_bool),
@@ -773,6 +776,10 @@ class FinetuneResult:
     device: str = ""
     #: the checkpoint training resumed from, if any
     resumed_from: Optional[str] = None
+    #: data-parallel processes that trained together (1 without a launcher)
+    world_size: int = 1
+    #: this process's rank; only rank 0 writes checkpoints, exports and the summary file
+    rank: int = 0
     #: what :func:`build_config` said about ignored Azure ML parameters
     notes: list = field(default_factory=list)
 
@@ -797,6 +804,8 @@ class FinetuneResult:
             best_eval_loss=None if s.get("best_eval_loss") is None else float(s["best_eval_loss"]),
             device=str(s.get("device") or ""),
             resumed_from=s.get("resumed_from"),
+            world_size=int(s.get("world_size") or 1),
+            rank=int(s.get("rank") or 0),
             notes=list(notes),
         )
 
@@ -880,10 +889,16 @@ def finetune(
     Returns:
         :class:`FinetuneResult`.
     """
-    _refuse_distributed_launch()
+    distributed = distributed_from_env()
     report = _resolve_report_to(report_to)
     cbs = _callbacks(callbacks)
     config, notes = build_config(model, train_file, validation_file, output_dir, finetune_parameters)
+    if distributed is not None:
+        config["distributed"] = distributed
+        if distributed["rank"] > 0:
+            # Rank 0 reports for the group (progress, MLflow, callbacks), as in HF Trainer;
+            # the others print their own messages only.
+            progress, report, cbs, notes = _worker_messages(distributed["rank"]), "none", [], []
     try:
         renderer = make_renderer(progress)
     except ValueError as e:
@@ -900,21 +915,72 @@ def finetune(
     return FinetuneResult.from_summary(out, output_dir=config["output_dir"], notes=notes)
 
 
-def _refuse_distributed_launch() -> None:
-    """A launcher that started several processes (Azure ML's PyTorchDistribution, torchrun)
-    sets WORLD_SIZE; each process would train the whole model on the whole data, and all
-    would write the same output folder. Data-parallel training is not there yet: say so."""
-    world = os.environ.get("WORLD_SIZE", "1").strip() or "1"
+def _worker_messages(rank: int) -> Callable[..., None]:
+    """The progress sink of a data-parallel worker: its messages, marked with its rank."""
+
+    def sink(kind: str, task_id: int, name: str, total: Optional[int], n: int, unit: str = "") -> None:
+        if kind == "message":
+            print(f"[ferrotune rank {rank}] {name}", file=sys.stderr, flush=True)
+
+    return sink
+
+
+def distributed_from_env(environ: Optional[Mapping[str, str]] = None) -> Optional[dict]:
+    """The data-parallel group a launcher put this process in, or ``None``.
+
+    Azure ML's ``PyTorchDistribution`` and ``torchrun`` start one process per GPU and set
+    ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; with
+    ``WORLD_SIZE > 1`` the processes train together: each takes its share of every
+    optimizer step's micro-batches and the gradients are summed before the update.
+    ``FERROTUNE_DIST_TIMEOUT`` (seconds, default 1800) bounds the wait for the group and
+    for any one exchange.
+
+    Raises:
+        InvalidArgumentError: ``WORLD_SIZE > 1`` with a missing or malformed variable.
+    """
+    env = os.environ if environ is None else environ
+
+    def integer(name: str, default: Optional[int] = None) -> int:
+        raw = str(env.get(name, "")).strip()
+        if not raw:
+            if default is not None:
+                return default
+            raise InvalidArgumentError(
+                f"WORLD_SIZE={env.get('WORLD_SIZE')} says this is one of several data-parallel processes, but {name} is not set; "
+                "launch with Azure ML's PyTorchDistribution or torchrun, which set RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT"
+            )
+        try:
+            return int(raw)
+        except ValueError:
+            raise InvalidArgumentError(f"{name}={raw!r} is not an integer") from None
+
+    world = integer("WORLD_SIZE", 1)
+    if world <= 1:
+        return None
+    rank = integer("RANK")
+    if not 0 <= rank < world:
+        raise InvalidArgumentError(f"RANK={rank} is outside 0..{world - 1} (WORLD_SIZE={world})")
+    port = integer("MASTER_PORT")
+    if not 0 < port < 65536:
+        raise InvalidArgumentError(f"MASTER_PORT={port} is not a TCP port")
+    addr = str(env.get("MASTER_ADDR", "")).strip()
+    if not addr:
+        integer("MASTER_ADDR")  # raises the "not set" message
+    raw_timeout = str(env.get("FERROTUNE_DIST_TIMEOUT", "1800")).strip()
     try:
-        n = int(world)
+        timeout = float(raw_timeout)
     except ValueError:
-        return
-    if n > 1:
-        raise InvalidArgumentError(
-            f"WORLD_SIZE={n}: this process was launched as one of {n} data-parallel workers, but ferrotune "
-            "does not train across several processes yet. Launch one process per node "
-            "(process_count_per_instance=1, no PyTorchDistribution), or train on one GPU."
-        )
+        timeout = -1.0
+    if not (timeout > 0 and timeout < float("inf")):
+        raise InvalidArgumentError(f"FERROTUNE_DIST_TIMEOUT={raw_timeout!r} must be a positive number of seconds")
+    return {
+        "rank": rank,
+        "world_size": world,
+        "local_rank": integer("LOCAL_RANK", rank),
+        "master_addr": addr,
+        "master_port": port,
+        "timeout_s": timeout,
+    }
 
 
 class _CallableModule(types.ModuleType):

@@ -41,7 +41,17 @@ def build_parser(prog: str = "ferrotune package") -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from . import _cli_errors
+    from .finetune import distributed_from_env
     from .packaging import package_model
+
+    # In a data-parallel job every process runs the same command line; rank 0 trained the
+    # output and packages it, the others would only race it for the same folder.
+    group, status = _cli_errors.call(distributed_from_env)
+    if status:
+        return status
+    if group is not None and group["rank"] > 0:
+        print(f"rank {group['rank']} of {group['world_size']}: packaging is rank 0's job; nothing to do", file=sys.stderr)
+        return 0
 
     out, status = _cli_errors.call(
         lambda: package_model(

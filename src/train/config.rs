@@ -170,6 +170,9 @@ pub struct TrainConfig {
     pub packing: bool,
     #[serde(default)]
     pub token: Option<String>,
+    /// Set when a launcher started this process as one of several data-parallel workers.
+    #[serde(default)]
+    pub distributed: Option<super::WorldSpec>,
 }
 
 impl TrainConfig {
@@ -260,6 +263,9 @@ impl TrainConfig {
         }
         if self.save_strategy == Strategy::Steps && self.save_steps.unwrap_or(0) == 0 {
             return bad("save_strategy 'steps' needs save_steps >= 1".into());
+        }
+        if let Some(w) = &self.distributed {
+            w.validate()?;
         }
         self.lora().validate()
     }

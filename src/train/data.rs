@@ -41,9 +41,9 @@ fn read_tokenized(path: &Path) -> Result<Option<TokenizedRows>> {
     }
 }
 
-pub fn prepare(cfg: &TrainConfig, ctx: &Ctx) -> Result<Data> {
+/// Reads or tokenizes the train (and validation) data; tokenized files go to `out`.
+pub fn prepare(cfg: &TrainConfig, out: &Path, ctx: &Ctx) -> Result<Data> {
     let evaluate = cfg.evaluation_strategy != Strategy::No;
-    let out = cfg.output_dir.join("tokenized");
     let mut tokenizer: Option<ChatTokenizer> = None;
     let mut tokenize = |src: &Path,
                         dest: &str,
@@ -57,7 +57,7 @@ pub fn prepare(cfg: &TrainConfig, ctx: &Ctx) -> Result<Data> {
                 ctx,
             )?);
         }
-        std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
         let dest = out.join(dest);
         let opts = chat::TokenizeOptions {
             data_files: vec![src.to_path_buf()],

@@ -11,6 +11,7 @@ use serde_json::json;
 use super::checkpoint::{self, TrainerState};
 use super::config::{Resume, Strategy, TrainConfig};
 use super::data::{self, Data};
+use super::distributed::Group;
 use super::optim::{clip_grad_norm, AdamW, AdamWParams};
 use super::schedule::Schedule;
 use crate::chat::TokenizedRows;
@@ -38,6 +39,10 @@ pub struct Summary {
     pub merged_dir: Option<PathBuf>,
     pub device: String,
     pub resumed_from: Option<PathBuf>,
+    /// Processes that trained together (1 without a data-parallel launcher).
+    pub world_size: usize,
+    /// This process's rank; only rank 0 writes checkpoints, exports and the summary file.
+    pub rank: usize,
 }
 
 struct Plan {
@@ -46,13 +51,17 @@ struct Plan {
     updates_per_epoch: usize,
     total_steps: usize,
     warmup: usize,
+    /// Data-parallel processes. One optimizer step takes `gradient_accumulation_steps`
+    /// micro-batches on each of them: the same rows, in the same order, as one process
+    /// with `world × gradient_accumulation_steps`.
+    world: usize,
 }
 
 impl Plan {
-    fn new(cfg: &TrainConfig, rows: usize) -> Self {
+    fn new(cfg: &TrainConfig, rows: usize, world: usize) -> Self {
         let micro_per_epoch = rows.div_ceil(cfg.per_device_train_batch_size);
         let updates_per_epoch = micro_per_epoch
-            .div_ceil(cfg.gradient_accumulation_steps)
+            .div_ceil(cfg.gradient_accumulation_steps * world)
             .max(1);
         let total_steps = if cfg.max_steps > 0 {
             cfg.max_steps as usize
@@ -70,11 +79,12 @@ impl Plan {
             updates_per_epoch,
             total_steps,
             warmup,
+            world,
         }
     }
 
     fn json(&self, cfg: &TrainConfig) -> serde_json::Value {
-        json!({
+        let mut plan = json!({
             "rows": self.rows,
             "total_steps": self.total_steps,
             "per_device_train_batch_size": cfg.per_device_train_batch_size,
@@ -82,13 +92,18 @@ impl Plan {
             "seed": cfg.seed,
             "shuffle": cfg.shuffle,
             "lora_r": cfg.lora_r,
-        })
+        });
+        if self.world > 1 {
+            plan["world_size"] = json!(self.world);
+        }
+        plan
     }
 
-    /// Row indices of each micro-batch of optimizer step `step`.
+    /// Row indices of each micro-batch of optimizer step `step` (all ranks' together:
+    /// micro-batch `k` is rank `k % world`'s).
     fn step_batches(&self, cfg: &TrainConfig, step: usize, order: &[usize]) -> Vec<Vec<usize>> {
         let in_epoch = step % self.updates_per_epoch;
-        let ga = cfg.gradient_accumulation_steps;
+        let ga = cfg.gradient_accumulation_steps * self.world;
         let bs = cfg.per_device_train_batch_size;
         let first = in_epoch * ga;
         let last = ((in_epoch + 1) * ga).min(self.micro_per_epoch);
@@ -102,17 +117,33 @@ fn seed_for(seed: u64, step: usize, micro: usize) -> u64 {
     seed ^ ((step as u64) << 20) ^ (micro as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
-/// Mean loss over `rows` (forward only), batched `bs` rows at a time.
-fn evaluate(model: &Phi3, rows: &TokenizedRows, bs: usize, ctx: &Ctx) -> Result<f64> {
+/// Mean loss over `rows` (forward only), batched `bs` rows at a time; with a group, batch
+/// `c` is evaluated by rank `c % world` and the sums are added up.
+fn evaluate(
+    model: &Phi3,
+    rows: &TokenizedRows,
+    bs: usize,
+    group: Option<&mut Group>,
+    ctx: &Ctx,
+) -> Result<f64> {
     let n = rows.num_rows();
     let (mut sum, mut count) = (0.0, 0usize);
     let idx: Vec<usize> = (0..n).collect();
-    for chunk in idx.chunks(bs) {
+    let (rank, world) = group.as_ref().map_or((0, 1), |g| (g.rank, g.size));
+    for (c, chunk) in idx.chunks(bs).enumerate() {
+        if c % world != rank {
+            continue;
+        }
         ctx.cancel().check()?;
         let f = data::gather(rows, chunk);
         let b = model.batch(&f.ids, Some(&f.labels), &f.seq_lengths)?;
         sum += model.loss_sum(&b)?;
         count += b.n_targets();
+    }
+    if let Some(g) = group {
+        let mut both = [sum, count as f64];
+        g.sum_f64(&mut both)?;
+        (sum, count) = (both[0], both[1] as usize);
     }
     if count == 0 {
         return Err(Error::Training(
@@ -122,12 +153,88 @@ fn evaluate(model: &Phi3, rows: &TokenizedRows, bs: usize, ctx: &Ctx) -> Result<
     Ok(sum / count as f64)
 }
 
+/// The device to train on: with a data-parallel group, "cuda"/"auto" mean the GPU of the
+/// process's `LOCAL_RANK`, as torch's launchers arrange it.
+fn training_device(cfg: &TrainConfig) -> Result<candle_core::Device> {
+    let device = model::device(&cfg.device)?;
+    match &cfg.distributed {
+        Some(w) if device.is_cuda() && !cfg.device.starts_with("cuda:") => {
+            model::device(&format!("cuda:{}", w.local_rank))
+        }
+        _ => Ok(device),
+    }
+}
+
+/// What every process of a data-parallel group must agree on before training together.
+fn group_fingerprint(cfg: &TrainConfig, plan: &Plan, data: &Data) -> String {
+    // FNV-1a over the token ids and labels: cheap, and enough to tell different data apart.
+    let digest = |rows: &TokenizedRows| -> String {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let ids = rows.input_ids.iter().map(|&t| t as u64);
+        let labels = rows.labels.iter().map(|&l| l as u64);
+        for v in ids.chain(labels) {
+            h = (h ^ v).wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("{h:016x}/{}", rows.input_ids.len())
+    };
+    json!({
+        "ferrotune": env!("CARGO_PKG_VERSION"),
+        "model": cfg.model,
+        "plan": plan.json(cfg),
+        "train": digest(&data.train),
+        "validation": data.validation.as_ref().map(digest),
+        "learning_rate": cfg.learning_rate,
+        "lr_scheduler_type": cfg.lr_scheduler_type,
+        "lora": [cfg.lora_alpha, cfg.lora_dropout],
+        "target_modules": cfg.target_modules,
+        "optimizer": [cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon, cfg.weight_decay, cfg.max_grad_norm],
+        "precision": cfg.precision,
+        "adapter_init": cfg.adapter_init,
+        "resume_from_checkpoint": format!("{:?}", cfg.resume_from_checkpoint),
+    })
+    .to_string()
+}
+
+/// Sums every rank's gradients (one flat transfer), in the shapes they came in.
+fn sum_grads(group: &mut Group, grads: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    let flat: Vec<Tensor> = grads
+        .iter()
+        .map(|t| t.flatten_all())
+        .collect::<candle_core::Result<_>>()?;
+    let all = group.sum_tensor(&Tensor::cat(&flat, 0)?)?;
+    let mut at = 0;
+    grads
+        .iter()
+        .map(|t| {
+            let n = t.elem_count();
+            let part = all.narrow(0, at, n)?.reshape(t.shape())?;
+            at += n;
+            Ok(part)
+        })
+        .collect()
+}
+
+/// Tokenized copies of ranks other than 0 go to a scratch folder removed once read
+/// (rank 0 keeps its copy in `output_dir/tokenized`, as a single process does).
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Runs a whole fine-tuning job.
 pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
     cfg.validate()?;
-    let device = model::device(&cfg.device)?;
+    let (rank, world) = cfg
+        .distributed
+        .as_ref()
+        .map_or((0, 1), |w| (w.rank, w.world_size));
+    let root = rank == 0;
+    let device = training_device(cfg)?;
     let dtype = model::base_dtype(&device, &cfg.precision)?;
-    if !device.is_cuda() && cfg.precision != "32" {
+    if !device.is_cuda() && cfg.precision != "32" && root {
         ctx.message("precision 16/bf16 applies on CUDA; on CPU ferrotune trains in float32");
     }
     std::fs::create_dir_all(&cfg.output_dir).at(&cfg.output_dir)?;
@@ -137,11 +244,27 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         || HubClient::from_env(cfg.token.clone()),
         ctx,
     )?;
+    let data = if root {
+        data::prepare(cfg, &cfg.output_dir.join("tokenized"), ctx)?
+    } else {
+        let scratch = Scratch(
+            std::env::temp_dir().join(format!("ferrotune-rank{rank}-{}", std::process::id())),
+        );
+        data::prepare(cfg, &scratch.0, ctx)?
+    };
+    let plan = Plan::new(cfg, data.train.num_rows(), world);
+    let mut group = match &cfg.distributed {
+        Some(w) => Some(Group::join(
+            w,
+            &group_fingerprint(cfg, &plan, &data),
+            &device,
+            ctx,
+        )?),
+        None => None,
+    };
     let Data {
-        train,
-        validation,
-        train_path,
-    } = data::prepare(cfg, ctx)?;
+        train, validation, ..
+    } = data;
     let mut lora = cfg.lora();
     if let Some(a) = &cfg.adapter_init {
         let from = model::export::read_adapter_config(a)?;
@@ -161,7 +284,6 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         model.load_adapter(a)?;
     }
     let names: Vec<String> = model.lora_params().into_iter().map(|(n, _)| n).collect();
-    let plan = Plan::new(cfg, train.num_rows());
     let schedule = Schedule::parse(&cfg.lr_scheduler_type)?;
     let mut opt = {
         let params = model.lora_params();
@@ -202,6 +324,25 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         },
         Some(Resume::Path(p)) => Some(p.clone()),
     };
+    if let Some(g) = group.as_mut() {
+        // Every rank must resume from the same step (a checkpoint rank 0 wrote into a
+        // shared output_dir); a rank that sees another folder would train something else.
+        let step = match &resumed_from {
+            Some(dir) => checkpoint::read_state(dir)?.global_step as f64,
+            None => -1.0,
+        };
+        let mut both = [step, step * step];
+        g.sum_f64(&mut both)?;
+        let n = world as f64;
+        if (both[0] / n - step).abs() > 1e-9 || (both[1] / n - step * step).abs() > 1e-6 {
+            return Err(Error::Training(format!(
+                "data-parallel: the ranks would resume from different checkpoints (rank {rank}: {}). Every process needs the same output_dir (a shared folder)",
+                resumed_from
+                    .as_ref()
+                    .map_or("none".to_string(), |d| d.display().to_string())
+            )));
+        }
+    }
     if let Some(dir) = &resumed_from {
         let saved = checkpoint::read_state(dir)?;
         if saved.plan != state.plan {
@@ -249,30 +390,57 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         checkpoint::rotate(&cfg.output_dir, cfg.save_total_limit, state.best_step)?;
         Ok(dir)
     };
-    let eval_now = |state: &mut TrainerState, model: &Phi3| -> Result<()> {
-        let Some(val) = &validation else {
-            return Ok(());
+    let eval_now =
+        |state: &mut TrainerState, model: &Phi3, group: Option<&mut Group>| -> Result<()> {
+            let Some(val) = &validation else {
+                return Ok(());
+            };
+            let loss = evaluate(model, val, cfg.per_device_eval_batch_size, group, ctx)?;
+            let entry = json!({
+                "step": state.global_step,
+                "epoch": state.epoch,
+                "eval_loss": loss,
+                "eval_perplexity": loss.exp(),
+            });
+            if root {
+                ctx.metrics(&entry.to_string());
+            }
+            state.eval_history.push(entry);
+            if state.best_eval_loss.is_none_or(|b| loss < b) {
+                state.best_eval_loss = Some(loss);
+                state.best_step = Some(state.global_step);
+            }
+            Ok(())
         };
-        let loss = evaluate(model, val, cfg.per_device_eval_batch_size, ctx)?;
-        let entry = json!({
-            "step": state.global_step,
-            "epoch": state.epoch,
-            "eval_loss": loss,
-            "eval_perplexity": loss.exp(),
-        });
-        ctx.metrics(&entry.to_string());
-        state.eval_history.push(entry);
-        if state.best_eval_loss.is_none_or(|b| loss < b) {
-            state.best_eval_loss = Some(loss);
-            state.best_step = Some(state.global_step);
-        }
-        Ok(())
-    };
 
     while state.global_step < plan.total_steps {
         let step = state.global_step;
-        if ctx.cancel().is_cancelled() {
-            if step > 0 {
+        let epoch = step / plan.updates_per_epoch;
+        if epoch != order_epoch {
+            order = data::epoch_order(plan.rows, epoch, cfg.seed, cfg.shuffle);
+            order_epoch = epoch;
+        }
+        // This rank's micro-batches, with their index in the step (for dropout seeds).
+        let batches: Vec<_> = plan
+            .step_batches(cfg, step, &order)
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| k % world == rank)
+            .map(|(k, idx)| {
+                let f = data::gather(&train, idx);
+                Ok((k, model.batch(&f.ids, Some(&f.labels), &f.seq_lengths)?))
+            })
+            .collect::<Result<_>>()?;
+        let mut counts = [
+            f64::from(u8::from(ctx.cancel().is_cancelled())),
+            batches.iter().map(|(_, b)| b.n_targets()).sum::<usize>() as f64,
+            batches.iter().map(|(_, b)| b.n_tokens()).sum::<usize>() as f64,
+        ];
+        if let Some(g) = group.as_mut() {
+            g.sum_f64(&mut counts)?;
+        }
+        if counts[0] > 0.0 {
+            if step > 0 && root {
                 let dir = save(&state, &model, &opt)?;
                 ctx.message(&format!(
                     "interrupted: saved {} — resume with resume_from_checkpoint=True",
@@ -281,31 +449,22 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
             }
             return Err(Error::Cancelled);
         }
-        let epoch = step / plan.updates_per_epoch;
-        if epoch != order_epoch {
-            order = data::epoch_order(plan.rows, epoch, cfg.seed, cfg.shuffle);
-            order_epoch = epoch;
-        }
-        let batches: Vec<_> = plan
-            .step_batches(cfg, step, &order)
-            .iter()
-            .map(|idx| {
-                let f = data::gather(&train, idx);
-                model.batch(&f.ids, Some(&f.labels), &f.seq_lengths)
-            })
-            .collect::<Result<_>>()?;
-        let n_targets: usize = batches.iter().map(|b| b.n_targets()).sum();
-        let n_tokens: usize = batches.iter().map(|b| b.n_tokens()).sum();
+        let (n_targets, n_tokens) = (counts[1] as usize, counts[2] as usize);
         let params = model.lora_params();
         let vars: Vec<_> = params.iter().map(|p| p.1).collect();
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut loss_sum = 0.0;
         if n_targets > 0 {
             let scale = 1.0 / n_targets as f64;
-            for (k, b) in batches.iter().enumerate() {
-                let seed = (model.lora_cfg.dropout > 0.0).then(|| seed_for(cfg.seed, step, k));
+            for (k, b) in &batches {
+                let seed = (model.lora_cfg.dropout > 0.0).then(|| seed_for(cfg.seed, step, *k));
                 loss_sum += model.forward_backward(b, scale, recompute, seed, &mut grads)?;
             }
+        }
+        if let Some(g) = group.as_mut() {
+            let mut total = [loss_sum];
+            g.sum_f64(&mut total)?;
+            loss_sum = total[0];
         }
         let loss = if n_targets > 0 {
             loss_sum / n_targets as f64
@@ -328,6 +487,9 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
                 .zip(&vars)
                 .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
                 .collect::<candle_core::Result<_>>()?;
+            if let Some(grp) = group.as_mut() {
+                g = sum_grads(grp, g)?;
+            }
             grad_norm = clip_grad_norm(&mut g, cfg.max_grad_norm)?;
             if !grad_norm.is_finite() {
                 return Err(Error::Training(format!(
@@ -337,7 +499,7 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
                 )));
             }
             opt.update(&vars, &g, lr)?;
-        } else {
+        } else if root {
             ctx.message(&format!(
                 "step {}: no trainable tokens in this step's rows; skipped",
                 step + 1
@@ -363,7 +525,9 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
                 "grad_norm": grad_norm,
                 "tokens_per_second": log_tokens as f64 / secs,
             });
-            ctx.metrics(&entry.to_string());
+            if root {
+                ctx.metrics(&entry.to_string());
+            }
             state.log_history.push(entry);
             (log_loss, log_steps, log_tokens, log_t0) = (0.0, 0, 0, Instant::now());
         }
@@ -379,19 +543,28 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
             cfg.evaluation_strategy,
             cfg.eval_steps.or(Some(cfg.logging_steps)),
         ) {
-            eval_now(&mut state, &model)?;
+            eval_now(&mut state, &model, group.as_mut())?;
         }
-        if due(cfg.save_strategy, cfg.save_steps) {
+        if due(cfg.save_strategy, cfg.save_steps) && root {
             save(&state, &model, &opt)?;
         }
     }
     drop(task);
     let train_seconds = started.elapsed().as_secs_f64();
-    let adapter_dir = model.save_adapter(&cfg.output_dir.join("adapter"), &cfg.model)?;
-    let merged_dir = if cfg.merge_lora_weights {
-        Some(model.save_merged(&cfg.output_dir.join("merged"), ctx)?)
+    let (adapter_dir, merged_dir) = if root {
+        let adapter = model.save_adapter(&cfg.output_dir.join("adapter"), &cfg.model)?;
+        let merged = if cfg.merge_lora_weights {
+            Some(model.save_merged(&cfg.output_dir.join("merged"), ctx)?)
+        } else {
+            None
+        };
+        (adapter, merged)
     } else {
-        None
+        (
+            cfg.output_dir.join("adapter"),
+            cfg.merge_lora_weights
+                .then(|| cfg.output_dir.join("merged")),
+        )
     };
     let summary = Summary {
         output_dir: cfg.output_dir.clone(),
@@ -413,15 +586,22 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         merged_dir,
         device: crate::model::device_name(&device),
         resumed_from,
+        world_size: world,
+        rank,
     };
-    let _ = train_path;
-    let p = cfg.output_dir.join("train_summary.json");
-    let pending = crate::data::pending_file::PendingFile::new(p.clone());
-    std::fs::write(
-        &pending.tmp,
-        serde_json::to_string_pretty(&summary).expect("json"),
-    )
-    .at(&p)?;
-    pending.commit()?;
+    if root {
+        let p = cfg.output_dir.join("train_summary.json");
+        let pending = crate::data::pending_file::PendingFile::new(p.clone());
+        std::fs::write(
+            &pending.tmp,
+            serde_json::to_string_pretty(&summary).expect("json"),
+        )
+        .at(&p)?;
+        pending.commit()?;
+    }
+    // The others finish when rank 0 has written everything (or fail if it could not).
+    if let Some(g) = group.as_mut() {
+        g.barrier()?;
+    }
     Ok(summary)
 }

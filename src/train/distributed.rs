@@ -1,0 +1,555 @@
+//! Data-parallel training across the processes a launcher started: Azure ML's
+//! `PyTorchDistribution`, `torchrun`, or anything else that sets the torch.distributed
+//! environment (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`).
+//!
+//! ferrotune does not launch or discover processes itself; it joins the group the launcher
+//! made. Rank 0 listens on `MASTER_ADDR:MASTER_PORT`; every other rank connects to it and
+//! says who it is and which training plan it computed. Rank 0 refuses a group whose plans
+//! differ (different data, batch settings or code), so a misconfigured node fails at the
+//! start with a message instead of training something else.
+//!
+//! Collectives are sums, always taken in rank order at rank 0, so a run's numbers do not
+//! depend on timing. Two transports:
+//! * the rendezvous connections themselves (a star through rank 0): every device, no
+//!   extra library; fine for LoRA gradients (tens of MB per optimizer step) within a node;
+//! * NCCL (`nccl` cargo feature, CUDA only): gradients stay on the GPU. Rank 0 makes the
+//!   NCCL unique id and hands it out over the rendezvous connection.
+//!
+//! Why not torch.distributed's own store and gloo: they live in libtorch, which ferrotune
+//! does not depend on; the handshake here is a few messages on one socket.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::progress::Ctx;
+
+const MAGIC: &[u8; 8] = b"FTDP\x00\x00\x00\x01";
+const OK: u8 = 0;
+const REFUSED: u8 = 1;
+
+/// This process's place in the group, as the launcher described it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorldSpec {
+    pub rank: usize,
+    pub world_size: usize,
+    #[serde(default)]
+    pub local_rank: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+    /// Seconds to wait for the group to form and for any one collective.
+    #[serde(default = "d_timeout")]
+    pub timeout_s: f64,
+}
+
+fn d_timeout() -> f64 {
+    1800.0
+}
+
+impl WorldSpec {
+    pub fn validate(&self) -> Result<()> {
+        if self.world_size < 2 || self.rank >= self.world_size {
+            return Err(Error::InvalidArgument(format!(
+                "distributed: rank {} of world size {} is not a data-parallel group (need world_size >= 2 and 0 <= rank < world_size)",
+                self.rank, self.world_size
+            )));
+        }
+        if !(self.timeout_s.is_finite() && self.timeout_s > 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "distributed: timeout_s must be positive, got {}",
+                self.timeout_s
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn lost(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Training(format!(
+        "data-parallel: {what} ({e}). Another process of the group failed or was stopped; its own log has the cause"
+    ))
+}
+
+/// One connection with a deadline on every read and write.
+struct Link {
+    stream: TcpStream,
+    peer: usize,
+}
+
+impl Link {
+    fn new(stream: TcpStream, peer: usize, timeout: Duration) -> Result<Self> {
+        let setup = |e| lost(&format!("setting up the connection to rank {peer}"), e);
+        stream.set_nodelay(true).map_err(setup)?;
+        stream.set_read_timeout(Some(timeout)).map_err(setup)?;
+        stream.set_write_timeout(Some(timeout)).map_err(setup)?;
+        Ok(Self { stream, peer })
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> Result<()> {
+        self.stream
+            .write_all(bytes)
+            .map_err(|e| lost(&format!("sending to rank {}", self.peer), e))
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> Result<()> {
+        self.stream
+            .read_exact(buf)
+            .map_err(|e| lost(&format!("receiving from rank {}", self.peer), e))
+    }
+
+    fn send_frame(&mut self, bytes: &[u8]) -> Result<()> {
+        self.send(&(bytes.len() as u64).to_le_bytes())?;
+        self.send(bytes)
+    }
+
+    fn recv_frame(&mut self, limit: usize) -> Result<Vec<u8>> {
+        let mut n = [0u8; 8];
+        self.recv(&mut n)?;
+        let n = u64::from_le_bytes(n) as usize;
+        if n > limit {
+            return Err(lost(
+                &format!("rank {} sent a {n}-byte message", self.peer),
+                "not a ferrotune process of this group?",
+            ));
+        }
+        let mut buf = vec![0u8; n];
+        self.recv(&mut buf)?;
+        Ok(buf)
+    }
+}
+
+/// Element types the host transport sums.
+trait Elem: Copy + std::ops::AddAssign + Default {
+    const SIZE: usize;
+    fn put(self, out: &mut Vec<u8>);
+    fn get(b: &[u8]) -> Self;
+}
+
+macro_rules! elem {
+    ($t:ty, $n:expr) => {
+        impl Elem for $t {
+            const SIZE: usize = $n;
+            fn put(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+            fn get(b: &[u8]) -> Self {
+                <$t>::from_le_bytes(b.try_into().expect("exact chunk"))
+            }
+        }
+    };
+}
+elem!(f32, 4);
+elem!(f64, 8);
+
+fn encode<T: Elem>(xs: &[T]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(xs.len() * T::SIZE);
+    for &x in xs {
+        x.put(&mut out);
+    }
+    out
+}
+
+fn decode_into<T: Elem>(bytes: &[u8], xs: &mut [T], add: bool) {
+    for (x, c) in xs.iter_mut().zip(bytes.chunks_exact(T::SIZE)) {
+        if add {
+            *x += T::get(c);
+        } else {
+            *x = T::get(c);
+        }
+    }
+}
+
+/// The group this process belongs to.
+pub struct Group {
+    pub rank: usize,
+    pub size: usize,
+    /// Rank 0: links to ranks 1.., in rank order. Other ranks: the link to rank 0.
+    links: Vec<Link>,
+    #[cfg(feature = "nccl")]
+    nccl: Option<nccl::Nccl>,
+}
+
+impl Group {
+    /// Joins the group: rank 0 waits for every other rank, checks that all computed the
+    /// same `plan`, and answers each. Errors name what differs or who did not come.
+    pub fn join(spec: &WorldSpec, plan: &str, device: &Device, ctx: &Ctx) -> Result<Self> {
+        spec.validate()?;
+        let timeout = Duration::from_secs_f64(spec.timeout_s);
+        let links = if spec.rank == 0 {
+            Self::accept_all(spec, plan, timeout, ctx)?
+        } else {
+            vec![Self::connect(spec, plan, timeout, ctx)?]
+        };
+        #[allow(unused_mut)]
+        let mut group = Self {
+            rank: spec.rank,
+            size: spec.world_size,
+            links,
+            #[cfg(feature = "nccl")]
+            nccl: None,
+        };
+        #[cfg(feature = "nccl")]
+        if device.is_cuda() {
+            group.nccl = Some(nccl::Nccl::new(&mut group, device)?);
+        }
+        let _ = device;
+        ctx.message(&format!(
+            "data-parallel: rank {} of {} joined ({} transport)",
+            group.rank,
+            group.size,
+            group.transport()
+        ));
+        Ok(group)
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// "nccl" or "tcp".
+    pub fn transport(&self) -> &'static str {
+        #[cfg(feature = "nccl")]
+        if self.nccl.is_some() {
+            return "nccl";
+        }
+        "tcp"
+    }
+
+    fn accept_all(spec: &WorldSpec, plan: &str, timeout: Duration, ctx: &Ctx) -> Result<Vec<Link>> {
+        let addr = ("0.0.0.0", spec.master_port);
+        let listener = TcpListener::bind(addr).map_err(|e| {
+            Error::Training(format!(
+                "data-parallel: rank 0 cannot listen on port {} (MASTER_PORT): {e}. Another job on this node may hold it; pick another MASTER_PORT",
+                spec.master_port
+            ))
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| lost("listening", e))?;
+        let deadline = Instant::now() + timeout;
+        let mut slots: Vec<Option<Link>> = (1..spec.world_size).map(|_| None).collect();
+        let mut problems: Vec<String> = Vec::new();
+        while slots.iter().any(Option::is_none) {
+            ctx.cancel().check()?;
+            match listener.accept() {
+                Ok((stream, from)) => {
+                    stream
+                        .set_nonblocking(false)
+                        .map_err(|e| lost("accepting", e))?;
+                    let mut link = Link::new(stream, usize::MAX, timeout)?;
+                    match Self::read_hello(&mut link, spec, plan) {
+                        Ok(rank) if slots[rank - 1].is_none() => {
+                            link.peer = rank;
+                            slots[rank - 1] = Some(link);
+                        }
+                        Ok(rank) => {
+                            let why = format!(
+                                "two processes say they are rank {rank} (the second from {from})"
+                            );
+                            let _ = refuse(&mut link, &why);
+                            problems.push(why);
+                        }
+                        Err(why) => {
+                            let _ = refuse(&mut link, &why);
+                            problems.push(format!("{from}: {why}"));
+                        }
+                    }
+                    if !problems.is_empty() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        let missing: Vec<String> = slots
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, s)| s.is_none())
+                            .map(|(i, _)| (i + 1).to_string())
+                            .collect();
+                        problems.push(format!(
+                            "rank(s) {} did not join within {:.0} s",
+                            missing.join(", "),
+                            spec.timeout_s
+                        ));
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(lost("accepting a connection", e)),
+            }
+        }
+        if !problems.is_empty() {
+            for link in slots.iter_mut().flatten() {
+                let _ = refuse(link, &problems.join("; "));
+            }
+            return Err(Error::Training(format!(
+                "data-parallel: the group of {} did not form: {}",
+                spec.world_size,
+                problems.join("; ")
+            )));
+        }
+        let mut links: Vec<Link> = slots.into_iter().map(|s| s.expect("all joined")).collect();
+        for link in &mut links {
+            link.send(&[OK])?;
+        }
+        Ok(links)
+    }
+
+    /// Reads a worker's hello; the error is the reason to refuse it.
+    fn read_hello(
+        link: &mut Link,
+        spec: &WorldSpec,
+        plan: &str,
+    ) -> std::result::Result<usize, String> {
+        let mut head = [0u8; 24];
+        link.recv(&mut head).map_err(|e| e.to_string())?;
+        if &head[..8] != MAGIC {
+            return Err("not a ferrotune process of this version (bad greeting)".into());
+        }
+        let rank = u64::from_le_bytes(head[8..16].try_into().expect("8")) as usize;
+        let size = u64::from_le_bytes(head[16..24].try_into().expect("8")) as usize;
+        let theirs = link.recv_frame(1 << 20).map_err(|e| e.to_string())?;
+        if size != spec.world_size {
+            return Err(format!(
+                "rank {rank} was started with WORLD_SIZE={size}, rank 0 with {}",
+                spec.world_size
+            ));
+        }
+        if rank == 0 || rank >= size {
+            return Err(format!("a process says it is rank {rank} of {size}"));
+        }
+        let theirs = String::from_utf8_lossy(&theirs);
+        if theirs != plan {
+            return Err(format!(
+                "rank {rank} computed a different training plan than rank 0 ({}). Every process needs the same data files, parameters and ferrotune version",
+                plan_difference(&theirs, plan, rank)
+            ));
+        }
+        Ok(rank)
+    }
+
+    fn connect(spec: &WorldSpec, plan: &str, timeout: Duration, ctx: &Ctx) -> Result<Link> {
+        let deadline = Instant::now() + timeout;
+        let target = format!("{}:{}", spec.master_addr, spec.master_port);
+        let stream = loop {
+            ctx.cancel().check()?;
+            let attempt = target
+                .to_socket_addrs()
+                .and_then(|mut a| {
+                    a.next().ok_or_else(|| {
+                        std::io::Error::new(std::io::ErrorKind::NotFound, "no address")
+                    })
+                })
+                .and_then(|a| TcpStream::connect_timeout(&a, Duration::from_secs(5)));
+            match attempt {
+                Ok(s) => break s,
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(Error::Training(format!(
+                        "data-parallel: rank {} could not reach rank 0 at {target} (MASTER_ADDR:MASTER_PORT) within {:.0} s: {e}",
+                        spec.rank, spec.timeout_s
+                    )))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        };
+        let mut link = Link::new(stream, 0, timeout)?;
+        let mut head = Vec::with_capacity(24);
+        head.extend_from_slice(MAGIC);
+        head.extend_from_slice(&(spec.rank as u64).to_le_bytes());
+        head.extend_from_slice(&(spec.world_size as u64).to_le_bytes());
+        link.send(&head)?;
+        link.send_frame(plan.as_bytes())?;
+        let mut answer = [0u8; 1];
+        link.recv(&mut answer)?;
+        if answer[0] != OK {
+            let why = link.recv_frame(1 << 20)?;
+            return Err(Error::Training(format!(
+                "data-parallel: rank 0 refused rank {}: {}",
+                spec.rank,
+                String::from_utf8_lossy(&why)
+            )));
+        }
+        Ok(link)
+    }
+
+    /// Element-wise sum over the group, in place, in rank order (host transport).
+    fn host_sum<T: Elem>(&mut self, xs: &mut [T]) -> Result<()> {
+        let n = xs.len() * T::SIZE;
+        if self.is_root() {
+            let mut buf = vec![0u8; n];
+            for link in &mut self.links {
+                link.recv(&mut buf)?;
+                decode_into(&buf, xs, true);
+            }
+            let out = encode(xs);
+            for link in &mut self.links {
+                link.send(&out)?;
+            }
+        } else {
+            let link = &mut self.links[0];
+            link.send(&encode(xs))?;
+            let mut buf = vec![0u8; n];
+            link.recv(&mut buf)?;
+            decode_into(&buf, xs, false);
+        }
+        Ok(())
+    }
+
+    /// Sum of small host-side statistics (counts, loss sums, flags).
+    pub fn sum_f64(&mut self, xs: &mut [f64]) -> Result<()> {
+        self.host_sum(xs)
+    }
+
+    /// Sum of a float32 tensor over the group; the result is on `t`'s device.
+    pub fn sum_tensor(&mut self, t: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "nccl")]
+        if let Some(n) = &self.nccl {
+            return n.sum(t);
+        }
+        let shape = t.shape().clone();
+        let mut host = t.flatten_all()?.to_vec1::<f32>()?;
+        self.host_sum(&mut host)?;
+        Ok(Tensor::from_vec(host, shape, t.device())?)
+    }
+
+    /// Every rank waits here until all arrive (and rank 0 has finished what it did first).
+    pub fn barrier(&mut self) -> Result<()> {
+        self.sum_f64(&mut [0.0])
+    }
+}
+
+/// "learning_rate: 0.005 on rank 1, 0.01 on rank 0; ..." for two plans (JSON objects,
+/// compared one level into nested objects).
+fn plan_difference(theirs: &str, ours: &str, rank: usize) -> String {
+    use serde_json::Value;
+    let parse = |s: &str| serde_json::from_str::<Value>(s).unwrap_or(Value::Null);
+    let (a, b) = (parse(theirs), parse(ours));
+    let mut out = Vec::new();
+    let walk = |prefix: &str, a: &Value, b: &Value, out: &mut Vec<String>| {
+        let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+            return;
+        };
+        let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        for k in keys {
+            let (x, y) = (
+                a.get(k).unwrap_or(&Value::Null),
+                b.get(k).unwrap_or(&Value::Null),
+            );
+            if x != y && !(x.is_object() && y.is_object()) {
+                out.push(format!("{prefix}{k}: {x} on rank {rank}, {y} on rank 0"));
+            }
+        }
+    };
+    walk("", &a, &b, &mut out);
+    if let (Some(x), Some(y)) = (a.get("plan"), b.get("plan")) {
+        walk("", x, y, &mut out);
+    }
+    if out.is_empty() {
+        "the versions differ".into()
+    } else {
+        out.join("; ")
+    }
+}
+
+fn refuse(link: &mut Link, why: &str) -> Result<()> {
+    link.send(&[REFUSED])?;
+    link.send_frame(why.as_bytes())
+}
+
+#[cfg(feature = "nccl")]
+mod nccl {
+    //! Gradients summed on the GPU with NCCL; the unique id travels over the rendezvous link.
+
+    use std::sync::Arc;
+
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
+    use candle_core::{CpuStorage, CudaStorage, CustomOp1, Device, Layout, Shape, Tensor};
+
+    use super::{lost, Group};
+    use crate::error::{Error, Result};
+
+    pub struct Nccl {
+        comm: Arc<Comm>,
+    }
+
+    impl Nccl {
+        pub fn new(group: &mut Group, device: &Device) -> Result<Self> {
+            let cuda = device.as_cuda_device()?;
+            let id = if group.is_root() {
+                let id = Id::new().map_err(|e| {
+                    Error::Training(format!("data-parallel: NCCL could not make an id: {e:?}"))
+                })?;
+                let bytes: Vec<u8> = id.internal().iter().map(|&c| c as u8).collect();
+                for link in &mut group.links {
+                    link.send(&bytes)?;
+                }
+                id
+            } else {
+                let mut bytes = [0u8; 128];
+                group.links[0].recv(&mut bytes)?;
+                let mut raw = [0 as core::ffi::c_char; 128];
+                for (r, b) in raw.iter_mut().zip(bytes) {
+                    *r = b as core::ffi::c_char;
+                }
+                Id::uninit(raw)
+            };
+            let comm = Comm::from_rank(cuda.cuda_stream(), group.rank, group.size, id)
+                .map_err(|e| lost("NCCL could not set up the group", format!("{e:?}")))?;
+            Ok(Self {
+                comm: Arc::new(comm),
+            })
+        }
+
+        pub fn sum(&self, t: &Tensor) -> Result<Tensor> {
+            let t = t.contiguous()?;
+            Ok(t.apply_op1_no_bwd(&AllReduce {
+                comm: self.comm.clone(),
+            })?)
+        }
+    }
+
+    struct AllReduce {
+        comm: Arc<Comm>,
+    }
+
+    // SAFETY: the op is applied on the thread that owns the group, one collective at a time.
+    unsafe impl Send for AllReduce {}
+    unsafe impl Sync for AllReduce {}
+
+    impl CustomOp1 for AllReduce {
+        fn name(&self) -> &'static str {
+            "nccl-all-reduce"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("NCCL all-reduce needs a CUDA tensor")
+        }
+
+        fn cuda_fwd(
+            &self,
+            s: &CudaStorage,
+            l: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let elems = l.shape().elem_count();
+            let src = s.as_cuda_slice::<f32>()?;
+            let src = match l.contiguous_offsets() {
+                Some((0, n)) if n == elems => src.slice(0..n),
+                _ => candle_core::bail!("nccl-all-reduce: input must be contiguous from 0"),
+            };
+            let dev = s.device().clone();
+            let mut dst = unsafe { dev.alloc::<f32>(elems) }?;
+            self.comm
+                .all_reduce(&src, &mut dst, &ReduceOp::Sum)
+                .map_err(|e| candle_core::Error::Msg(format!("NCCL all-reduce: {e:?}")))?;
+            Ok((CudaStorage::wrap_cuda_slice(dst, dev), l.shape().clone()))
+        }
+    }
+}

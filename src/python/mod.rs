@@ -158,6 +158,44 @@ fn cuda_available() -> bool {
     crate::model::device("auto").is_ok_and(|d| d.is_cuda())
 }
 
+/// Seconds taken by each of `repeats` sums of a `floats`-long float32 tensor over the
+/// data-parallel group `world` (a JSON `WorldSpec`): the gradient exchange of a training
+/// step, on its own (for `bench/bench_grad_exchange.py`).
+#[pyfunction]
+fn _group_sum_timings(
+    py: Python<'_>,
+    world: &str,
+    floats: usize,
+    repeats: usize,
+) -> PyResult<Vec<f64>> {
+    let spec: crate::train::WorldSpec = serde_json::from_str(world).map_err(|e| {
+        errors::to_pyerr(
+            py,
+            crate::error::Error::InvalidArgument(format!("world: {e}")),
+        )
+    })?;
+    let timings = py.allow_threads(move || -> crate::error::Result<Vec<f64>> {
+        let device = candle_core::Device::Cpu;
+        let mut group = crate::train::distributed::Group::join(
+            &spec,
+            "bench",
+            &device,
+            &crate::progress::Ctx::silent(),
+        )?;
+        let t = candle_core::Tensor::ones(floats, candle_core::DType::F32, &device)?;
+        let mut out = Vec::with_capacity(repeats);
+        for _ in 0..repeats {
+            let t0 = std::time::Instant::now();
+            let s = group.sum_tensor(&t)?;
+            out.push(t0.elapsed().as_secs_f64());
+            drop(s);
+        }
+        group.barrier()?;
+        Ok(out)
+    });
+    timings.map_err(|e| errors::to_pyerr(py, e))
+}
+
 #[pymodule]
 #[pyo3(name = "_core")]
 fn ferrotune_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -168,6 +206,7 @@ fn ferrotune_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rows_for_split_pc, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(_json_string, m)?)?;
+    m.add_function(wrap_pyfunction!(_group_sum_timings, m)?)?;
     m.add_class::<chat::PyChatTokenizer>()?;
     m.add_function(wrap_pyfunction!(chat::tokenize_dataset, m)?)?;
     m.add_function(wrap_pyfunction!(chat::load_tokenized, m)?)?;

@@ -123,45 +123,28 @@ impl Link {
     }
 }
 
-/// Element types the host transport sums.
-trait Elem: Copy + std::ops::AddAssign + Default {
-    const SIZE: usize;
-    fn put(self, out: &mut Vec<u8>);
-    fn get(b: &[u8]) -> Self;
+/// Bytes per piece of a pipelined sum: rank 0 adds up and returns piece k while the ranks
+/// are still sending piece k+1, so a sum costs about one transfer each way, not two.
+const PIECE: usize = 1 << 20;
+
+/// Element types the host transport sums (f32 and f64 only: no padding, every bit pattern
+/// valid, so their memory can go on the wire as it is).
+trait Elem: Copy + Default + Send + Sync + std::ops::AddAssign {}
+impl Elem for f32 {}
+impl Elem for f64 {}
+
+// The wire carries the processes' own byte order; every target ferrotune builds for is
+// little-endian, and mixing byte orders within one group is not a thing.
+const _: () = assert!(cfg!(target_endian = "little"));
+
+fn bytes_of<T: Elem>(xs: &[T]) -> &[u8] {
+    // SAFETY: `T` is f32 or f64 (private trait): plain bytes, no padding.
+    unsafe { std::slice::from_raw_parts(xs.as_ptr().cast(), std::mem::size_of_val(xs)) }
 }
 
-macro_rules! elem {
-    ($t:ty, $n:expr) => {
-        impl Elem for $t {
-            const SIZE: usize = $n;
-            fn put(self, out: &mut Vec<u8>) {
-                out.extend_from_slice(&self.to_le_bytes());
-            }
-            fn get(b: &[u8]) -> Self {
-                <$t>::from_le_bytes(b.try_into().expect("exact chunk"))
-            }
-        }
-    };
-}
-elem!(f32, 4);
-elem!(f64, 8);
-
-fn encode<T: Elem>(xs: &[T]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(xs.len() * T::SIZE);
-    for &x in xs {
-        x.put(&mut out);
-    }
-    out
-}
-
-fn decode_into<T: Elem>(bytes: &[u8], xs: &mut [T], add: bool) {
-    for (x, c) in xs.iter_mut().zip(bytes.chunks_exact(T::SIZE)) {
-        if add {
-            *x += T::get(c);
-        } else {
-            *x = T::get(c);
-        }
-    }
+fn bytes_of_mut<T: Elem>(xs: &mut [T]) -> &mut [u8] {
+    // SAFETY: as above, and every bit pattern is a valid f32 / f64.
+    unsafe { std::slice::from_raw_parts_mut(xs.as_mut_ptr().cast(), std::mem::size_of_val(xs)) }
 }
 
 /// The group this process belongs to.
@@ -379,25 +362,48 @@ impl Group {
 
     /// Element-wise sum over the group, in place, in rank order (host transport).
     fn host_sum<T: Elem>(&mut self, xs: &mut [T]) -> Result<()> {
-        let n = xs.len() * T::SIZE;
+        let per = (PIECE / std::mem::size_of::<T>()).max(1);
         if self.is_root() {
-            let mut buf = vec![0u8; n];
-            for link in &mut self.links {
-                link.recv(&mut buf)?;
-                decode_into(&buf, xs, true);
+            let mut buf = vec![T::default(); per.min(xs.len())];
+            for piece in xs.chunks_mut(per) {
+                let theirs = &mut buf[..piece.len()];
+                for link in &mut self.links {
+                    link.recv(bytes_of_mut(theirs))?;
+                    for (x, y) in piece.iter_mut().zip(theirs.iter()) {
+                        *x += *y;
+                    }
+                }
+                for link in &mut self.links {
+                    link.send(bytes_of(piece))?;
+                }
             }
-            let out = encode(xs);
-            for link in &mut self.links {
-                link.send(&out)?;
-            }
-        } else {
-            let link = &mut self.links[0];
-            link.send(&encode(xs))?;
-            let mut buf = vec![0u8; n];
-            link.recv(&mut buf)?;
-            decode_into(&buf, xs, false);
+            return Ok(());
         }
-        Ok(())
+        let link = &mut self.links[0];
+        if xs.len() <= per {
+            // One piece: rank 0 answers only after it has all of it; no overlap to gain.
+            link.send(bytes_of(xs))?;
+            return link.recv(bytes_of_mut(xs));
+        }
+        // Send on a second thread while the sums of the first pieces come back.
+        let mut writer = link
+            .stream
+            .try_clone()
+            .map_err(|e| lost("setting up a sum", e))?;
+        let outgoing = xs.to_vec();
+        std::thread::scope(|scope| {
+            let sender = scope.spawn(move || writer.write_all(bytes_of(&outgoing)));
+            let got = xs
+                .chunks_mut(per)
+                .try_for_each(|piece| link.recv(bytes_of_mut(piece)));
+            if got.is_err() {
+                // Unblock the sender (rank 0 is gone or stuck); the receive error is the story.
+                let _ = link.stream.shutdown(std::net::Shutdown::Both);
+            }
+            let sent = sender.join().expect("the sending thread does not panic");
+            got?;
+            sent.map_err(|e| lost("sending to rank 0", e))
+        })
     }
 
     /// Sum of small host-side statistics (counts, loss sums, flags).
@@ -467,7 +473,7 @@ fn refuse(link: &mut Link, why: &str) -> Result<()> {
 mod nccl {
     //! Gradients summed on the GPU with NCCL; the unique id travels over the rendezvous link.
 
-    use std::sync::Arc;
+    use std::rc::Rc;
 
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
@@ -477,7 +483,7 @@ mod nccl {
     use crate::error::{Error, Result};
 
     pub struct Nccl {
-        comm: Arc<Comm>,
+        comm: Rc<Comm>,
     }
 
     impl Nccl {
@@ -504,7 +510,7 @@ mod nccl {
             let comm = Comm::from_rank(cuda.cuda_stream(), group.rank, group.size, id)
                 .map_err(|e| lost("NCCL could not set up the group", format!("{e:?}")))?;
             Ok(Self {
-                comm: Arc::new(comm),
+                comm: Rc::new(comm),
             })
         }
 
@@ -517,7 +523,7 @@ mod nccl {
     }
 
     struct AllReduce {
-        comm: Arc<Comm>,
+        comm: Rc<Comm>,
     }
 
     // SAFETY: the op is applied on the thread that owns the group, one collective at a time.
@@ -551,5 +557,136 @@ mod nccl {
                 .map_err(|e| candle_core::Error::Msg(format!("NCCL all-reduce: {e:?}")))?;
             Ok((CudaStorage::wrap_cuda_slice(dst, dev), l.shape().clone()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(rank: usize, size: usize, port: u16) -> WorldSpec {
+        WorldSpec {
+            rank,
+            world_size: size,
+            local_rank: rank,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+            timeout_s: 20.0,
+        }
+    }
+
+    fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// Runs `f(rank)` on `size` threads, each joining the group with its plan.
+    fn group_of<T: Send + 'static>(
+        size: usize,
+        plans: Vec<&'static str>,
+        f: impl Fn(Result<Group>) -> T + Send + Sync + Copy + 'static,
+    ) -> Vec<T> {
+        let port = free_port();
+        let handles: Vec<_> = (0..size)
+            .map(|r| {
+                let plan = plans[r];
+                std::thread::spawn(move || {
+                    f(Group::join(
+                        &spec(r, size, port),
+                        plan,
+                        &Device::Cpu,
+                        &Ctx::silent(),
+                    ))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    #[test]
+    fn sums_are_the_same_on_every_rank_and_in_rank_order() {
+        let out = group_of(3, vec!["{}"; 3], |g| {
+            let mut g = g.unwrap();
+            let r = g.rank as f32;
+            let t = Tensor::new(&[[r, 1.0], [2.0 * r, 1e-8]], &Device::Cpu).unwrap();
+            let s = g.sum_tensor(&t).unwrap().to_vec2::<f32>().unwrap();
+            let mut stats = [g.rank as f64, 0.5];
+            g.sum_f64(&mut stats).unwrap();
+            g.barrier().unwrap();
+            (s, stats)
+        });
+        for (s, stats) in out {
+            assert_eq!(s, vec![vec![3.0, 3.0], vec![6.0, 3e-8]]);
+            assert_eq!(stats, [3.0, 1.5]);
+        }
+    }
+
+    #[test]
+    fn a_sum_of_many_pieces_is_exact_and_in_rank_order() {
+        // 2.4 MB: several pieces, sent while earlier pieces come back.
+        let n = 600_001;
+        let value = |r: usize, i: usize| ((i * 7 + r * 13) % 1000) as f32 * 0.001 + r as f32;
+        let out = group_of(3, vec!["{}"; 3], move |g| {
+            let mut g = g.unwrap();
+            let xs: Vec<f32> = (0..n).map(|i| value(g.rank, i)).collect();
+            let t = Tensor::from_vec(xs, n, &Device::Cpu).unwrap();
+            g.sum_tensor(&t).unwrap().to_vec1::<f32>().unwrap()
+        });
+        let want: Vec<f32> = (0..n)
+            .map(|i| value(0, i) + value(1, i) + value(2, i))
+            .collect();
+        for got in out {
+            assert!(got == want, "sums differ from (r0 + r1) + r2");
+        }
+    }
+
+    #[test]
+    fn a_different_plan_is_refused_on_both_sides_with_the_difference() {
+        let out = group_of(
+            2,
+            vec![
+                r#"{"lr":0.1,"plan":{"rows":4}}"#,
+                r#"{"lr":0.1,"plan":{"rows":5}}"#,
+            ],
+            |g| g.err().map(|e| e.to_string()),
+        );
+        let want = "rows: 5 on rank 1, 4 on rank 0";
+        assert!(out[0].as_deref().unwrap().contains(want), "{out:?}");
+        assert!(
+            out[1].as_deref().unwrap().contains("rank 0 refused rank 1"),
+            "{out:?}"
+        );
+        assert!(out[1].as_deref().unwrap().contains(want), "{out:?}");
+    }
+
+    #[test]
+    fn a_lost_peer_is_an_error_not_a_hang() {
+        let out = group_of(2, vec!["{}"; 2], |g| {
+            let mut g = g.unwrap();
+            if g.rank == 1 {
+                drop(g); // gone before the first sum
+                return None;
+            }
+            Some(g.sum_f64(&mut [1.0]).unwrap_err().to_string())
+        });
+        let msg = out[0].as_ref().unwrap();
+        assert!(
+            msg.contains("receiving from rank 1") && msg.contains("failed or was stopped"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_bad_world_is_refused_before_any_network() {
+        let mut s = spec(2, 2, 1);
+        assert!(s.validate().is_err());
+        s = spec(0, 1, 1);
+        assert!(s.validate().is_err());
+        s = spec(0, 2, 1);
+        s.timeout_s = f64::NAN;
+        assert!(s.validate().is_err());
     }
 }

@@ -25,14 +25,20 @@
 #   CUDA_TOOLCHAIN     toolchain venv path (default .cuda-toolchain)
 #   CUDA_TARGET_DIR    cargo target dir (default target-cuda)
 #   CUDA_DIST          wheel output dir (default dist-cuda)
-#   CUDA_LOCAL_LABEL   local version label (default cu13; empty string = keep 0.1.0)
+#   CUDA_LOCAL_LABEL   local version label (default cu13, or cu13.nccl; empty string = keep 0.1.0)
+#   CUDA_NCCL          1: also the `nccl` feature (data-parallel gradients summed on the GPUs
+#                      with NCCL). Links the real libnccl.so.2 from the nvidia-nccl-cu13 wheel
+#                      (installed into the toolchain venv) and adds RUNPATH
+#                      $ORIGIN/../nvidia/nccl/lib; the GPU machine then needs that wheel too.
+#                      Without it, data-parallel training sums gradients through the host.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
 TC=${CUDA_TOOLCHAIN:-$ROOT/.cuda-toolchain}
 DIST=${CUDA_DIST:-$ROOT/dist-cuda}
-LABEL=${CUDA_LOCAL_LABEL-cu13}
+NCCL=${CUDA_NCCL:-0}
+if [ "$NCCL" = 1 ]; then LABEL=${CUDA_LOCAL_LABEL-cu13.nccl}; else LABEL=${CUDA_LOCAL_LABEL-cu13}; fi
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-80}
 export CARGO_TARGET_DIR=${CUDA_TARGET_DIR:-$ROOT/target-cuda}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -98,14 +104,29 @@ PY
   echo "  $STUBS/lib$lib.so (soname $soname, $(nm -D --defined-only "$STUBS/lib$lib.so" | wc -l) symbols)"
 done
 
-step "maturin build --release --features extension-module,cuda  (target dir: $CARGO_TARGET_DIR)"
+FEATURES=extension-module,cuda
+RUSTC_EXTRA=()
+if [ "$NCCL" = 1 ]; then
+  step "NCCL (nvidia-nccl-cu13) for the nccl feature"
+  "$TC/bin/python" -m pip install -q "nvidia-nccl-cu13>=2.30,<2.31"
+  NCCL_LIB="$SITE/nvidia/nccl/lib"
+  if [ ! -f "$NCCL_LIB/libnccl.so.2" ]; then
+    echo "error: no libnccl.so.2 under $NCCL_LIB" >&2
+    exit 1
+  fi
+  ln -sfn libnccl.so.2 "$NCCL_LIB/libnccl.so"  # for -lnccl
+  FEATURES=extension-module,nccl
+  RUSTC_EXTRA=(-L "native=$NCCL_LIB" -C 'link-arg=-Wl,-rpath,$ORIGIN/../nvidia/nccl/lib')
+fi
+
+step "maturin build --release --features $FEATURES  (target dir: $CARGO_TARGET_DIR)"
 RAW=$(mktemp -d "${TMPDIR:-/tmp}/ferrotune-cuda-wheel.XXXXXX")
 trap 'rm -rf "$RAW"' EXIT
 # --auditwheel skip: the CUDA libraries are external on purpose (driver + nvidia-* wheels);
 # auditwheel's repair would try to vendor them (or the stubs) into the wheel.
-maturin build --release --features extension-module,cuda \
+maturin build --release --features "$FEATURES" \
   --interpreter "$TC/bin/python" --auditwheel skip --out "$RAW/raw" \
-  -- -C 'link-arg=-Wl,-rpath,$ORIGIN/../nvidia/cu13/lib'
+  -- -C 'link-arg=-Wl,-rpath,$ORIGIN/../nvidia/cu13/lib' "${RUSTC_EXTRA[@]}"
 WHL=$(ls "$RAW"/raw/ferrotune-*.whl)
 
 mkdir -p "$DIST"
@@ -137,7 +158,11 @@ if ! readelf -d "$SO" | grep -q 'libcuda.so.1'; then
 fi
 # The linker keeps only the libraries whose symbols are used (--as-needed).
 CUDA_NEEDED=$(readelf -d "$SO" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' \
-  | grep -E '^lib(cuda|cudart|cublas|cublasLt|curand|nvrtc)\.so' | tr '\n' ' ')
+  | grep -E '^lib(cuda|cudart|cublas|cublasLt|curand|nvrtc|nccl)\.so' | tr '\n' ' ')
+if [ "$NCCL" = 1 ] && ! readelf -d "$SO" | grep -q 'libnccl.so.2'; then
+  echo "error: CUDA_NCCL=1 but the extension does not link libnccl.so.2" >&2
+  exit 1
+fi
 
 cat <<EOF
 
@@ -165,3 +190,10 @@ Run-time requirements on the GPU machine:
   * The dynamic loader resolves these by soname at import time (cudarc is built with
     dynamic-linking, not dlopen), so a missing one is an ImportError naming the library.
 EOF
+if [ "$NCCL" = 1 ]; then
+  cat <<EOF2
+  * NCCL (this wheel has the nccl feature): pip install "nvidia-nccl-cu13>=2.30,<2.31"
+    (libnccl.so.2, found through RUNPATH \$ORIGIN/../nvidia/nccl/lib). Without it
+    'import ferrotune' fails with an ImportError naming libnccl.so.2.
+EOF2
+fi

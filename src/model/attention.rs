@@ -42,6 +42,8 @@ pub struct Layout {
     pub cos: Tensor,
     pub sin: Tensor,
     pub masks: HashMap<(usize, usize), Option<Tensor>>,
+    /// The sliding window (`usize::MAX` without one); the masks already apply it.
+    pub window: usize,
 }
 
 /// `qkv` (tokens, (q + 2 kv) · dim) → attention output (tokens, q · dim). With `caches`
@@ -176,6 +178,9 @@ fn forward(
 ) -> Result<Tensor> {
     let n = qkv.dim(0)?;
     let (q, k, v) = split(qkv, h, lay)?;
+    if q.device().is_cpu() && h.dtype == DType::F32 {
+        return forward_cpu(&q, &k, &v, n, h, lay, caches, layer);
+    }
     let rep = h.q / h.kv;
     let mut outs = Vec::with_capacity(lay.segments.len());
     for (i, (&(s, len), &past)) in lay.segments.iter().zip(&lay.past).enumerate() {
@@ -192,6 +197,84 @@ fn forward(
         .transpose(0, 1)?
         .contiguous()?
         .reshape((n, h.q * h.dim))
+}
+
+/// The f32 data of a CPU tensor `(heads, rows, dim)` whose rows are contiguous, from its
+/// first element, and its head stride.
+fn heads_data(t: &Tensor) -> Result<(candle_core::StorageRef<'_>, usize, usize)> {
+    let (st, l) = t.storage_and_layout();
+    let (dims, stride) = (l.dims(), l.stride());
+    if dims.len() != 3 || stride[2] != 1 || stride[1] != dims[2] {
+        candle_core::bail!("attention: rows of {dims:?} (strides {stride:?}) are not contiguous");
+    }
+    let (off, hs) = (l.start_offset(), stride[0]);
+    Ok((st, off, hs))
+}
+
+/// The view of [`heads_data`]'s storage from element `off + skip`, `hs` apart per head.
+fn heads_view(
+    st: &candle_core::Storage,
+    off: usize,
+    hs: usize,
+    skip: usize,
+) -> Result<super::attention_cpu::HeadsView<'_>> {
+    match st {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
+            Ok(super::attention_cpu::HeadsView {
+                data: &v[off + skip..],
+                head_stride: hs,
+            })
+        }
+        _ => candle_core::bail!("attention: f32 CPU tensors expected"),
+    }
+}
+
+/// [`forward`] on the CPU in f32: the fused kernel of `attention_cpu`, each segment written
+/// straight into its rows of the output.
+#[allow(clippy::too_many_arguments)]
+fn forward_cpu(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    n: usize,
+    h: Heads,
+    lay: &Layout,
+    mut caches: Option<&mut [&mut SeqCache]>,
+    layer: usize,
+) -> Result<Tensor> {
+    let width = h.q * h.dim;
+    let mut out = vec![0f32; n * width];
+    for (i, (&(s, len), &past)) in lay.segments.iter().zip(&lay.past).enumerate() {
+        // Keys and values: the cache's (past + len rows) or this segment's rows of k / v.
+        let (ks, vs, first) = match caches.as_deref_mut() {
+            Some(c) => {
+                let (ks, vs) = c[i].append(
+                    layer,
+                    &k.narrow(1, s, len)?.contiguous()?,
+                    &v.narrow(1, s, len)?.contiguous()?,
+                )?;
+                (ks, vs, 0)
+            }
+            None => (k.clone(), v.clone(), s),
+        };
+        let (qg, qo, qh) = heads_data(q)?;
+        let (kg, ko, kh) = heads_data(&ks)?;
+        let (vg, vo, vh) = heads_data(&vs)?;
+        let seg = super::attention_cpu::Segment {
+            q: heads_view(&qg, qo, qh, s * h.dim)?,
+            k: heads_view(&kg, ko, kh, first * h.dim)?,
+            v: heads_view(&vg, vo, vh, first * h.dim)?,
+            len,
+            past,
+            window: lay.window,
+            heads: h.q,
+            kv_heads: h.kv,
+            dim: h.dim,
+            scale: h.scale() as f32,
+        };
+        super::attention_cpu::attend(&seg, &mut out[s * width..], width);
+    }
+    Tensor::from_vec(out, (n, width), q.device())
 }
 
 /// d(qkv) for the output gradient `dy` (tokens, q · dim).
@@ -316,6 +399,7 @@ mod tests {
                 cos: randn(&[n, 4], 11),
                 sin: randn(&[n, 4], 12),
                 masks,
+                window: usize::MAX,
             });
             let x = randn(&[n, (q + 2 * kv) * 8], 13);
             let (yf, ys, gf, gs) = grads(

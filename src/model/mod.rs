@@ -2,6 +2,7 @@
 //! PEFT / Hugging Face export.
 
 pub mod attention;
+mod attention_cpu;
 pub mod config;
 pub mod export;
 pub mod lora;

@@ -372,6 +372,7 @@ impl Phi3 {
                 cos,
                 sin,
                 masks,
+                window: self.cfg.sliding_window.unwrap_or(usize::MAX),
             }),
             target_pos,
             targets,

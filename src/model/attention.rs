@@ -277,6 +277,50 @@ fn forward_cpu(
     Tensor::from_vec(out, (n, width), q.device())
 }
 
+/// One segment's (dq, dk, dv), each (heads, len, dim), with the fused CPU kernel; `q`, `k`,
+/// `v` and `dy` are the whole batch's (heads, tokens, dim), the segment's keys its own rows.
+fn backward_cpu(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dy: &Tensor,
+    (s, len): (usize, usize),
+    h: Heads,
+    lay: &Layout,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (qg, qo, qh) = heads_data(q)?;
+    let (kg, ko, kh) = heads_data(k)?;
+    let (vg, vo, vh) = heads_data(v)?;
+    let (yg, yo, yh) = heads_data(dy)?;
+    let seg = super::attention_cpu::Segment {
+        q: heads_view(&qg, qo, qh, s * h.dim)?,
+        k: heads_view(&kg, ko, kh, s * h.dim)?,
+        v: heads_view(&vg, vo, vh, s * h.dim)?,
+        len,
+        past: 0,
+        window: lay.window,
+        heads: h.q,
+        kv_heads: h.kv,
+        dim: h.dim,
+        scale: h.scale() as f32,
+    };
+    let size = |heads: usize| heads * len * h.dim;
+    let (mut dq, mut dk, mut dv) = (
+        vec![0f32; size(h.q)],
+        vec![0f32; size(h.kv)],
+        vec![0f32; size(h.kv)],
+    );
+    super::attention_cpu::attend_backward(
+        &seg,
+        heads_view(&yg, yo, yh, s * h.dim)?,
+        &mut dq,
+        &mut dk,
+        &mut dv,
+    );
+    let t = |x: Vec<f32>, heads: usize| Tensor::from_vec(x, (heads, len, h.dim), q.device());
+    Ok((t(dq, h.q)?, t(dk, h.kv)?, t(dv, h.kv)?))
+}
+
 /// d(qkv) for the output gradient `dy` (tokens, q · dim).
 fn backward(qkv: &Tensor, dy: &Tensor, h: Heads, lay: &Layout) -> Result<Tensor> {
     let n = qkv.dim(0)?;
@@ -285,7 +329,15 @@ fn backward(qkv: &Tensor, dy: &Tensor, h: Heads, lay: &Layout) -> Result<Tensor>
     let rep = h.q / h.kv;
     let scale = h.scale();
     let (mut dqs, mut dks, mut dvs) = (vec![], vec![], vec![]);
+    let fused = q.device().is_cpu() && h.dtype == DType::F32 && lay.past.iter().all(|&p| p == 0);
     for (&(s, len), &past) in lay.segments.iter().zip(&lay.past) {
+        if fused {
+            let (dq, dk, dv) = backward_cpu(&q, &k, &v, &dy, (s, len), h, lay)?;
+            dqs.push(dq);
+            dks.push(dk);
+            dvs.push(dv);
+            continue;
+        }
         let qs = q.narrow(1, s, len)?.contiguous()?;
         let ke = expand(&k.narrow(1, s, len)?.contiguous()?, rep)?;
         let ve = expand(&v.narrow(1, s, len)?.contiguous()?, rep)?;

@@ -91,21 +91,7 @@ pub fn attend(seg: &Segment, out: &mut [f32], row_stride: usize) {
                 Parallelism::None,
             );
         }
-        for (i, srow) in s.chunks_mut(nk).enumerate() {
-            let r = r0 + i;
-            let (lo, hi) = (first(r) - kb, seg.past + r - kb); // visible: lo..=hi
-            let vis = &mut srow[lo..=hi];
-            let max = vis.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let mut sum = 0f32;
-            for x in vis.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            let inv = 1.0 / sum;
-            vis.iter_mut().for_each(|x| *x *= inv);
-            srow[..lo].fill(0.0);
-            srow[hi + 1..].fill(0.0);
-        }
+        masked_softmax_rows(seg, &mut s, nk, r0, kb);
         // SAFETY: the destination rectangle (rows r0..r1, columns h·d..(h+1)·d) is this
         // task's alone and inside `out` (asserted above).
         unsafe {
@@ -135,7 +121,188 @@ pub fn attend(seg: &Segment, out: &mut [f32], row_stride: usize) {
     });
 }
 
+/// `dst (m × n) (+)= beta · lhs (m × k) · rhs (k × n)` with row / column strides, one thread.
+///
+/// # Safety
+/// Every pointer with its strides must stay inside its buffer for the given shape.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    (dst_rs, dst_cs): (usize, usize),
+    accumulate: bool,
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+    beta: f32,
+) {
+    gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs as isize,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        1.0,
+        beta,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    )
+}
+
+/// Softmax of each row of `s` (rows × nk, keys `kb..`) over the keys row `r0 + i` sees;
+/// the others become 0.
+fn masked_softmax_rows(seg: &Segment, s: &mut [f32], nk: usize, r0: usize, kb: usize) {
+    for (i, srow) in s.chunks_mut(nk).enumerate() {
+        let r = r0 + i;
+        let lo = (seg.past + r + 1).saturating_sub(seg.window) - kb;
+        let hi = seg.past + r - kb;
+        let vis = &mut srow[lo..=hi];
+        let max = vis.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let mut sum = 0f32;
+        for x in vis.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        vis.iter_mut().for_each(|x| *x *= inv);
+        srow[..lo].fill(0.0);
+        srow[hi + 1..].fill(0.0);
+    }
+}
+
+/// Gradients of [`attend`] for the output gradient `dy` (heads, len, dim): `dq` (heads,
+/// len, dim), `dk` and `dv` (kv heads, past + len, dim), all contiguous and added to (the
+/// caller zeroes them). One task per kv head (it owns that head's `dk`/`dv` rows); each
+/// block's probabilities are recomputed, not kept from the forward.
+pub fn attend_backward(
+    seg: &Segment,
+    dy: HeadsView,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let (d, len) = (seg.dim, seg.len);
+    let total = seg.past + len;
+    let rep = seg.heads / seg.kv_heads;
+    assert!(dq.len() >= seg.heads * len * d && dk.len() >= seg.kv_heads * total * d);
+    assert!(dv.len() >= seg.kv_heads * total * d);
+    let dq_heads: Vec<&mut [f32]> = dq.chunks_mut(len * d).take(seg.heads).collect();
+    let mut dq_groups: Vec<Vec<&mut [f32]>> = Vec::with_capacity(seg.kv_heads);
+    let mut it = dq_heads.into_iter();
+    for _ in 0..seg.kv_heads {
+        dq_groups.push(it.by_ref().take(rep).collect());
+    }
+    dq_groups
+        .into_par_iter()
+        .zip(dk.par_chunks_mut(total * d))
+        .zip(dv.par_chunks_mut(total * d))
+        .enumerate()
+        .for_each(|(g, ((dqs, dkg), dvg))| {
+            let kbase = &seg.k.data[g * seg.k.head_stride..][..total * d];
+            let vbase = &seg.v.data[g * seg.v.head_stride..][..total * d];
+            for (j, dqh) in dqs.into_iter().enumerate() {
+                let h = g * rep + j;
+                for b in 0..len.div_ceil(BLOCK) {
+                    let (r0, r1) = (b * BLOCK, ((b + 1) * BLOCK).min(len));
+                    let rows = r1 - r0;
+                    let kb = (seg.past + r0 + 1).saturating_sub(seg.window);
+                    let nk = seg.past + r1 - kb;
+                    let q = &seg.q.data[h * seg.q.head_stride + r0 * d..][..rows * d];
+                    let qs: Vec<f32> = q.iter().map(|&x| x * seg.scale).collect();
+                    let dout = &dy.data[h * dy.head_stride + r0 * d..][..rows * d];
+                    let (kp, vp) = (kbase[kb * d..].as_ptr(), vbase[kb * d..].as_ptr());
+                    let mut p = vec![0f32; rows * nk];
+                    let mut dp = vec![0f32; rows * nk];
+                    // SAFETY (all `mm` calls): shapes and strides below stay inside the
+                    // slices taken above; `dkg`/`dvg`/`dqh` are this task's alone.
+                    unsafe {
+                        // p = softmax(qs kᵀ), dp = dO vᵀ
+                        mm(
+                            (rows, nk, d),
+                            p.as_mut_ptr(),
+                            (nk, 1),
+                            false,
+                            qs.as_ptr(),
+                            (d, 1),
+                            kp,
+                            (1, d),
+                            1.0,
+                        );
+                        mm(
+                            (rows, nk, d),
+                            dp.as_mut_ptr(),
+                            (nk, 1),
+                            false,
+                            dout.as_ptr(),
+                            (d, 1),
+                            vp,
+                            (1, d),
+                            1.0,
+                        );
+                    }
+                    masked_softmax_rows(seg, &mut p, nk, r0, kb);
+                    // dS = P ⊙ (dP − Σ_j P dP), in place of dp
+                    for (prow, drow) in p.chunks(nk).zip(dp.chunks_mut(nk)) {
+                        let dot: f32 = prow.iter().zip(drow.iter()).map(|(a, b)| a * b).sum();
+                        for (x, &pv) in drow.iter_mut().zip(prow) {
+                            *x = pv * (*x - dot);
+                        }
+                    }
+                    let ds = dp;
+                    unsafe {
+                        // dV[kb..] += Pᵀ dO ; dQ = dS K · s ; dK[kb..] += dSᵀ Q · s
+                        mm(
+                            (nk, d, rows),
+                            dvg[kb * d..].as_mut_ptr(),
+                            (d, 1),
+                            true,
+                            p.as_ptr(),
+                            (1, nk),
+                            dout.as_ptr(),
+                            (d, 1),
+                            1.0,
+                        );
+                        mm(
+                            (rows, d, nk),
+                            dqh[r0 * d..].as_mut_ptr(),
+                            (d, 1),
+                            true,
+                            ds.as_ptr(),
+                            (nk, 1),
+                            kp,
+                            (d, 1),
+                            seg.scale,
+                        );
+                        mm(
+                            (nk, d, rows),
+                            dkg[kb * d..].as_mut_ptr(),
+                            (d, 1),
+                            true,
+                            ds.as_ptr(),
+                            (1, nk),
+                            q.as_ptr(),
+                            (d, 1),
+                            seg.scale,
+                        );
+                    }
+                }
+            }
+        });
+}
+
 #[cfg(test)]
+#[allow(clippy::type_complexity)]
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
@@ -175,6 +342,122 @@ mod tests {
             }
         }
         out
+    }
+
+    /// d(Σ out ⊙ dy) by the textbook formulas in f64: (dq, dk, dv).
+    fn reference_grads(seg: &Segment, dy: &[f32]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let (d, rep, len) = (seg.dim, seg.heads / seg.kv_heads, seg.len);
+        let total = seg.past + len;
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f64; seg.heads * len * d],
+            vec![0f64; seg.kv_heads * total * d],
+            vec![0f64; seg.kv_heads * total * d],
+        );
+        let at = |v: &HeadsView, h: usize, r: usize, c: usize| {
+            v.data[h * v.head_stride + r * d + c] as f64
+        };
+        let sc = seg.scale as f64;
+        for h in 0..seg.heads {
+            let g = h / rep;
+            for i in 0..len {
+                let p = seg.past + i;
+                let vis: Vec<usize> = (0..total)
+                    .filter(|&j| j <= p && p - j < seg.window)
+                    .collect();
+                let s: Vec<f64> = vis
+                    .iter()
+                    .map(|&j| {
+                        (0..d)
+                            .map(|c| at(&seg.q, h, i, c) * sc * at(&seg.k, g, j, c))
+                            .sum()
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                let pr: Vec<f64> = e.iter().map(|x| x / z).collect();
+                let go = |c: usize| dy[h * len * d + i * d + c] as f64;
+                let dp: Vec<f64> = vis
+                    .iter()
+                    .map(|&j| (0..d).map(|c| go(c) * at(&seg.v, g, j, c)).sum())
+                    .collect();
+                let dot: f64 = pr.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                for (t, &j) in vis.iter().enumerate() {
+                    let ds = pr[t] * (dp[t] - dot);
+                    for c in 0..d {
+                        dv[(g * total + j) * d + c] += pr[t] * go(c);
+                        dq[(h * len + i) * d + c] += ds * at(&seg.k, g, j, c) * sc;
+                        dk[(g * total + j) * d + c] += ds * at(&seg.q, h, i, c) * sc;
+                    }
+                }
+            }
+        }
+        (dq, dk, dv)
+    }
+
+    #[test]
+    fn backward_matches_the_formulas_with_past_window_and_gqa() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        for &(len, past, window, heads, kv, dim) in &[
+            (130, 0, usize::MAX, 4, 2, 16),
+            (70, 0, 29, 2, 2, 8),
+            (5, 12, usize::MAX, 3, 1, 8),
+        ] {
+            let total = past + len;
+            let mut rand =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+            let (q, k, v, dy) = (
+                rand(heads * len * dim),
+                rand(kv * total * dim),
+                rand(kv * total * dim),
+                rand(heads * len * dim),
+            );
+            let seg = Segment {
+                q: HeadsView {
+                    data: &q,
+                    head_stride: len * dim,
+                },
+                k: HeadsView {
+                    data: &k,
+                    head_stride: total * dim,
+                },
+                v: HeadsView {
+                    data: &v,
+                    head_stride: total * dim,
+                },
+                len,
+                past,
+                window,
+                heads,
+                kv_heads: kv,
+                dim,
+                scale: 1.0 / (dim as f32).sqrt(),
+            };
+            let (mut dq, mut dk, mut dv) = (
+                vec![0f32; q.len()],
+                vec![0f32; k.len()],
+                vec![0f32; v.len()],
+            );
+            attend_backward(
+                &seg,
+                HeadsView {
+                    data: &dy,
+                    head_stride: len * dim,
+                },
+                &mut dq,
+                &mut dk,
+                &mut dv,
+            );
+            let (wq, wk, wv) = reference_grads(&seg, &dy);
+            for (name, got, want) in [("dq", &dq, &wq), ("dk", &dk, &wk), ("dv", &dv, &wv)] {
+                for (i, (&a, &b)) in got.iter().zip(want.iter()).enumerate() {
+                    assert!(
+                        (a as f64 - b).abs() < 2e-5,
+                        "{name}[{i}] len {len} past {past}: {a} vs {b}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

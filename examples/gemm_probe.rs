@@ -11,7 +11,9 @@ fn main() -> candle_core::Result<()> {
         .skip(1)
         .map(|a| a.parse().expect("usage: gemm_probe REPS M K N [M K N ...]"))
         .collect();
-    let (reps, shapes) = args.split_first().expect("usage: gemm_probe REPS M K N ...");
+    let (reps, shapes) = args
+        .split_first()
+        .expect("usage: gemm_probe REPS M K N ...");
     let d = Device::Cpu;
     for s in shapes.chunks_exact(3) {
         let (m, k, n) = (s[0], s[1], s[2]);

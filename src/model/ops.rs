@@ -84,9 +84,11 @@ where
 
 /// `x @ w.T` for a frozen `w` (out, in): the backward computes only `dx = dy @ w`.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let y = x.detach().matmul(&w.t()?)?;
+    let y = super::skinny::matmul_t(&x.detach(), w)?;
     let w = w.clone();
-    attach(x, y, "frozen-linear", move |_, _, g| g.matmul(&w))
+    attach(x, y, "frozen-linear", move |_, _, g| {
+        super::skinny::matmul(g, &w)
+    })
 }
 
 /// RMSNorm over the last dim with a frozen weight, computed in f32 like transformers.

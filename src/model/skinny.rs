@@ -71,7 +71,24 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
 
 /// `x` (m, k) @ `w` (n, k)ᵀ with `gemm` on candle's thread count, into new memory.
 fn gemm_xwt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-    assert!(x.len() >= m * k && w.len() >= n * k);
+    // w (n, k) read as wᵀ (k, n): row stride 1, column stride k
+    gemm_into(x, w, (m, k, n), (1, k))
+}
+
+/// `x` (m, k) @ `w` (k, n) with `gemm`, into new memory.
+fn gemm_xw(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    gemm_into(x, w, (m, k, n), (n, 1))
+}
+
+/// `x` (m, k, contiguous) times the (k, n) matrix in `w` with row / column strides
+/// `(w_rs, w_cs)`, on candle's thread count.
+fn gemm_into(
+    x: &[f32],
+    w: &[f32],
+    (m, k, n): (usize, usize, usize),
+    (w_rs, w_cs): (usize, usize),
+) -> Vec<f32> {
+    assert!(x.len() >= m * k && w.len() >= k * n);
     let threads = candle_core::utils::get_num_threads();
     let mut y: Vec<f32> = Vec::with_capacity(m * n);
     // SAFETY: `y`'s capacity holds m·n values and gemm writes every one of them (read_dst
@@ -89,8 +106,8 @@ fn gemm_xwt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
             1,
             k as isize,
             w.as_ptr(),
-            k as isize,
-            1,
+            w_cs as isize,
+            w_rs as isize,
             0.0,
             1.0,
             false,
@@ -105,6 +122,37 @@ fn gemm_xwt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
         y.set_len(m * n);
     }
     y
+}
+
+/// `x @ w` for `x` (m, k) and `w` (k, n), f32, contiguous, on the CPU, with more than
+/// [`MAX_ROWS`] rows, by `gemm` into fresh memory; candle's matmul otherwise (the backward
+/// of a frozen linear: `dy @ w`).
+pub fn matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let fast = matches!(x.device(), Device::Cpu)
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && x.is_contiguous()
+        && w.is_contiguous()
+        && x.dims2().is_ok_and(|(m, _)| m > MAX_ROWS);
+    if !fast {
+        return x.matmul(w);
+    }
+    let ((m, k), (k2, n)) = (x.dims2()?, w.dims2()?);
+    if k != k2 {
+        return x.matmul(w); // candle's shape error
+    }
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(xv)), Storage::Cpu(CpuStorage::F32(wv))) = (&*xs, &*ws)
+    else {
+        return x.matmul(w);
+    };
+    let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
+    else {
+        return x.matmul(w);
+    };
+    let y = gemm_xw(&xv[x0..x1], &wv[w0..w1], m, k, n);
+    Tensor::from_vec(y, (m, n), &Device::Cpu)
 }
 
 /// `x @ w.T` without a graph: on the CPU in f32 [`linear`]'s paths, candle's matmul
@@ -222,6 +270,23 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap();
             assert!(diff <= 1e-5 * scale.max(1.0), "{m}x{k}x{n}: {diff}");
+        }
+    }
+
+    #[test]
+    fn matmul_equals_candle() {
+        let dev = Device::Cpu;
+        for (m, k, n) in [(3, 8, 5), (40, 96, 130)] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (k, n), &dev).unwrap();
+            let got = matmul(&x, &w).unwrap().to_vec2::<f32>().unwrap();
+            let want = x.matmul(&w).unwrap().to_vec2::<f32>().unwrap();
+            for (a, b) in got.iter().flatten().zip(want.iter().flatten()) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                    "{m}x{k}x{n}: {a} vs {b}"
+                );
+            }
         }
     }
 

@@ -169,11 +169,9 @@ fn masked_softmax_rows(seg: &Segment, s: &mut [f32], nk: usize, r0: usize, kb: u
         let hi = seg.past + r - kb;
         let vis = &mut srow[lo..=hi];
         let max = vis.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let mut sum = 0f32;
-        for x in vis.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
-        }
+        vis.iter_mut().for_each(|x| *x -= max);
+        super::vexp::exp_in_place(vis);
+        let sum: f32 = vis.iter().sum();
         let inv = 1.0 / sum;
         vis.iter_mut().for_each(|x| *x *= inv);
         srow[..lo].fill(0.0);

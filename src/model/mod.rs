@@ -10,6 +10,7 @@ pub mod ops;
 pub mod phi3;
 pub mod random;
 pub mod skinny;
+mod vexp;
 pub mod weights;
 
 pub use config::Phi3Config;

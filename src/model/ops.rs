@@ -152,8 +152,12 @@ impl candle_core::CustomOp1 for SwigluCpu {
             .zip(v[a..b].par_chunks(width))
             .for_each(|(o, x)| {
                 let (gate, up) = x.split_at(i);
+                for (o, &g) in o.iter_mut().zip(gate) {
+                    *o = -g;
+                }
+                super::vexp::exp_in_place(o);
                 for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
-                    *o = g / (1.0 + (-g).exp()) * u;
+                    *o = g / (1.0 + *o) * u;
                 }
             });
         Ok((CpuStorage::F32(out), Shape::from((rows, i))))

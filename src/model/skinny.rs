@@ -70,13 +70,13 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
 }
 
 /// `x` (m, k) @ `w` (n, k)ᵀ with `gemm` on candle's thread count, into new memory.
-fn gemm_xwt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+pub(crate) fn gemm_xwt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     // w (n, k) read as wᵀ (k, n): row stride 1, column stride k
     gemm_into(x, w, (m, k, n), (1, k))
 }
 
 /// `x` (m, k) @ `w` (k, n) with `gemm`, into new memory.
-fn gemm_xw(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+pub(crate) fn gemm_xw(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     gemm_into(x, w, (m, k, n), (n, 1))
 }
 

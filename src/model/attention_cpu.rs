@@ -66,56 +66,35 @@ pub fn attend(seg: &Segment, out: &mut [f32], row_stride: usize) {
         let kptr = seg.k.data[g * seg.k.head_stride + kb * d..][..nk * d].as_ptr();
         let vptr = seg.v.data[g * seg.v.head_stride + kb * d..][..nk * d].as_ptr();
         let mut s = vec![0f32; rows * nk];
-        // SAFETY: all pointers and strides stay inside the slices taken above.
+        // SAFETY: all pointers and strides stay inside the slices taken above; the
+        // destination rectangle of the second product (rows r0..r1, columns h·d..(h+1)·d)
+        // is this task's alone and inside `out` (asserted above).
         unsafe {
             // s (rows × nk) = qs (rows × d) · kᵀ (d × nk)
-            gemm(
-                rows,
-                nk,
-                d,
+            mm(
+                (rows, nk, d),
                 s.as_mut_ptr(),
-                1,
-                nk as isize,
+                (nk, 1),
                 false,
                 qs.as_ptr(),
-                1,
-                d as isize,
+                (d, 1),
                 kptr,
-                d as isize,
-                1,
-                0.0,
+                (1, d),
                 1.0,
-                false,
-                false,
-                false,
-                Parallelism::None,
             );
-        }
-        masked_softmax_rows(seg, &mut s, nk, r0, kb);
-        // SAFETY: the destination rectangle (rows r0..r1, columns h·d..(h+1)·d) is this
-        // task's alone and inside `out` (asserted above).
-        unsafe {
+            masked_softmax_rows(seg, &mut s, nk, r0, kb);
             // out rows (rows × d) = p (rows × nk) · v (nk × d)
-            gemm(
-                rows,
-                d,
-                nk,
-                out_ptr.0.add(r0 * row_stride + h * d),
-                1,
-                row_stride as isize,
+            let dst = out_ptr.0.add(r0 * row_stride + h * d);
+            mm(
+                (rows, d, nk),
+                dst,
+                (row_stride, 1),
                 false,
                 s.as_ptr(),
-                1,
-                nk as isize,
+                (nk, 1),
                 vptr,
-                1,
-                d as isize,
-                0.0,
+                (d, 1),
                 1.0,
-                false,
-                false,
-                false,
-                Parallelism::None,
             );
         }
     });

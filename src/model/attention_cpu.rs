@@ -8,7 +8,6 @@
 //! prefill (512 tokens) spent about a third of its time there. The products still go
 //! through the `gemm` crate (candle's CPU matmul), one block at a time.
 
-use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
 /// Query rows per task: enough rows for `gemm`'s kernels, and enough tasks to share.
@@ -100,42 +99,33 @@ pub fn attend(seg: &Segment, out: &mut [f32], row_stride: usize) {
     });
 }
 
-/// `dst (m × n) (+)= beta · lhs (m × k) · rhs (k × n)` with row / column strides, one thread.
+/// [`super::skinny::mm`] on the calling thread (the callers already run in parallel).
 ///
 /// # Safety
-/// Every pointer with its strides must stay inside its buffer for the given shape.
+/// As [`super::skinny::mm`].
 #[allow(clippy::too_many_arguments)]
 unsafe fn mm(
-    (m, n, k): (usize, usize, usize),
+    shape: (usize, usize, usize),
     dst: *mut f32,
-    (dst_rs, dst_cs): (usize, usize),
+    dst_strides: (usize, usize),
     accumulate: bool,
     lhs: *const f32,
-    (lhs_rs, lhs_cs): (usize, usize),
+    lhs_strides: (usize, usize),
     rhs: *const f32,
-    (rhs_rs, rhs_cs): (usize, usize),
+    rhs_strides: (usize, usize),
     beta: f32,
 ) {
-    gemm(
-        m,
-        n,
-        k,
+    super::skinny::mm(
+        shape,
         dst,
-        dst_cs as isize,
-        dst_rs as isize,
+        dst_strides,
         accumulate,
         lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
+        lhs_strides,
         rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        1.0,
+        rhs_strides,
         beta,
-        false,
-        false,
-        false,
-        Parallelism::None,
+        1,
     )
 }
 

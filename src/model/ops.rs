@@ -255,22 +255,30 @@ fn ce_chunk_cpu(
     scale: f32,
     need_grad: bool,
 ) -> Result<(f64, Option<Tensor>)> {
-    use rayon::prelude::*;
     let ((c, hidden), (vocab, _)) = (h.dims2()?, w.dims2()?);
-    let (hs, hl) = h.storage_and_layout();
-    let (ws, wl) = w.storage_and_layout();
-    let (
-        candle_core::Storage::Cpu(CpuStorage::F32(hv)),
-        candle_core::Storage::Cpu(CpuStorage::F32(wv)),
-    ) = (&*hs, &*ws)
-    else {
-        candle_core::bail!("linear-cross-entropy: f32 CPU tensors expected")
+    let Some(rows) = super::skinny::with_cpu_f32(h, w, |hv, wv| {
+        ce_chunk_rows(hv, wv, (c, hidden, vocab), targets, scale, need_grad)
+    }) else {
+        candle_core::bail!("linear-cross-entropy: contiguous f32 CPU tensors expected")
     };
-    let (Some((h0, h1)), Some((w0, w1))) = (hl.contiguous_offsets(), wl.contiguous_offsets())
-    else {
-        candle_core::bail!("linear-cross-entropy: contiguous tensors expected")
+    let (total, dh) = rows?;
+    let dh = match dh {
+        Some(d) => Some(Tensor::from_vec(d, (c, hidden), h.device())?),
+        None => None,
     };
-    let (hv, wv) = (&hv[h0..h1], &wv[w0..w1]);
+    Ok((total, dh))
+}
+
+/// [`ce_chunk_cpu`] on the raw rows: `h` (c, hidden), `w` (vocab, hidden).
+fn ce_chunk_rows(
+    hv: &[f32],
+    wv: &[f32],
+    (c, hidden, vocab): (usize, usize, usize),
+    targets: &[u32],
+    scale: f32,
+    need_grad: bool,
+) -> Result<(f64, Option<Vec<f32>>)> {
+    use rayon::prelude::*;
     if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
         candle_core::bail!(
             "linear-cross-entropy: target id {t} is outside the vocabulary ({vocab})"
@@ -299,8 +307,10 @@ fn ce_chunk_cpu(
     if !need_grad {
         return Ok((total, None));
     }
-    let dh = super::skinny::gemm_xw(&logits, wv, c, vocab, hidden);
-    Ok((total, Some(Tensor::from_vec(dh, (c, hidden), h.device())?)))
+    Ok((
+        total,
+        Some(super::skinny::gemm_xw(&logits, wv, c, vocab, hidden)),
+    ))
 }
 
 #[cfg(test)]

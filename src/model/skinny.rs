@@ -38,35 +38,24 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     {
         return Ok(None);
     }
-    let (xs, xl) = x.storage_and_layout();
-    let (ws, wl) = w.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(xv)), Storage::Cpu(CpuStorage::F32(wv))) = (&*xs, &*ws)
-    else {
-        return Ok(None);
+    let compute = |xv: &[f32], wv: &[f32]| -> Result<Tensor> {
+        if m > MAX_ROWS {
+            return Tensor::from_vec(gemm_xwt(xv, wv, m, k, n), (m, n), &Device::Cpu);
+        }
+        // Computed transposed, (n, m): each task owns a contiguous block of output columns.
+        let mut yt = vec![0f32; n * m];
+        yt.par_chunks_mut(COLS_PER_TASK * m)
+            .enumerate()
+            .for_each(|(t, out)| {
+                let j0 = t * COLS_PER_TASK;
+                let rows = out.len() / m;
+                dot_rows(&wv[j0 * k..(j0 + rows) * k], xv, m, k, out);
+            });
+        Tensor::from_vec(yt, (n, m), &Device::Cpu)?
+            .t()?
+            .contiguous()
     };
-    let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
-    else {
-        return Ok(None);
-    };
-    let (xv, wv) = (&xv[x0..x1], &wv[w0..w1]);
-    if m > MAX_ROWS {
-        return Ok(Some(Tensor::from_vec(
-            gemm_xwt(xv, wv, m, k, n),
-            (m, n),
-            &Device::Cpu,
-        )?));
-    }
-    // Computed transposed, (n, m): each task owns a contiguous block of output columns.
-    let mut yt = vec![0f32; n * m];
-    yt.par_chunks_mut(COLS_PER_TASK * m)
-        .enumerate()
-        .for_each(|(t, out)| {
-            let j0 = t * COLS_PER_TASK;
-            let rows = out.len() / m;
-            dot_rows(&wv[j0 * k..(j0 + rows) * k], xv, m, k, out);
-        });
-    let y = Tensor::from_vec(yt, (n, m), &Device::Cpu)?;
-    Ok(Some(y.t()?.contiguous()?))
+    with_cpu_f32(x, w, compute).transpose()
 }
 
 /// `x` (m, k) @ `w` (n, k)ᵀ with `gemm` on candle's thread count, into new memory.
@@ -91,37 +80,85 @@ fn gemm_into(
     assert!(x.len() >= m * k && w.len() >= k * n);
     let threads = candle_core::utils::get_num_threads();
     let mut y: Vec<f32> = Vec::with_capacity(m * n);
-    // SAFETY: `y`'s capacity holds m·n values and gemm writes every one of them (read_dst
-    // false: nothing is read first); the inputs are in bounds (asserted).
+    // SAFETY: `y`'s capacity holds m·n values and gemm writes every one of them (no
+    // accumulation: nothing is read first); the inputs are in bounds (asserted).
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        mm(
+            (m, n, k),
             y.as_mut_ptr(),
-            1,
-            n as isize,
+            (n, 1),
             false,
             x.as_ptr(),
-            1,
-            k as isize,
+            (k, 1),
             w.as_ptr(),
-            w_cs as isize,
-            w_rs as isize,
-            0.0,
+            (w_rs, w_cs),
             1.0,
-            false,
-            false,
-            false,
-            if threads > 1 {
-                gemm::Parallelism::Rayon(threads)
-            } else {
-                gemm::Parallelism::None
-            },
+            threads,
         );
         y.set_len(m * n);
     }
     y
+}
+
+/// `dst (m × n) (+)= beta · lhs (m × k) · rhs (k × n)` through `gemm`, each matrix given by
+/// its (row, column) strides, on `threads` threads (1: the calling thread only).
+///
+/// # Safety
+/// Every pointer with its strides must stay inside its buffer for the given shape.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn mm(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    (dst_rs, dst_cs): (usize, usize),
+    accumulate: bool,
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+    beta: f32,
+    threads: usize,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs as isize,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        1.0,
+        beta,
+        false,
+        false,
+        false,
+        if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        },
+    )
+}
+
+/// Runs `f` on the data of two contiguous f32 CPU tensors; `None` when either is not one.
+pub(crate) fn with_cpu_f32<R>(
+    a: &Tensor,
+    b: &Tensor,
+    f: impl FnOnce(&[f32], &[f32]) -> R,
+) -> Option<R> {
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(va)), Storage::Cpu(CpuStorage::F32(vb))) = (&*sa, &*sb)
+    else {
+        return None;
+    };
+    let ((a0, a1), (b0, b1)) = (la.contiguous_offsets()?, lb.contiguous_offsets()?);
+    Some(f(&va[a0..a1], &vb[b0..b1]))
 }
 
 /// `x @ w` for `x` (m, k) and `w` (k, n), f32, contiguous, on the CPU, with more than
@@ -141,18 +178,10 @@ pub fn matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if k != k2 {
         return x.matmul(w); // candle's shape error
     }
-    let (xs, xl) = x.storage_and_layout();
-    let (ws, wl) = w.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(xv)), Storage::Cpu(CpuStorage::F32(wv))) = (&*xs, &*ws)
-    else {
-        return x.matmul(w);
-    };
-    let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
-    else {
-        return x.matmul(w);
-    };
-    let y = gemm_xw(&xv[x0..x1], &wv[w0..w1], m, k, n);
-    Tensor::from_vec(y, (m, n), &Device::Cpu)
+    match with_cpu_f32(x, w, |xv, wv| gemm_xw(xv, wv, m, k, n)) {
+        Some(y) => Tensor::from_vec(y, (m, n), &Device::Cpu),
+        None => x.matmul(w),
+    }
 }
 
 /// `x @ w.T` without a graph: on the CPU in f32 [`linear`]'s paths, candle's matmul

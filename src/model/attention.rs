@@ -169,7 +169,7 @@ impl candle_core::CustomOp2 for MaskedSoftmax {
     }
 }
 
-fn forward(
+pub(super) fn forward(
     qkv: &Tensor,
     h: Heads,
     lay: &Layout,
@@ -322,7 +322,7 @@ fn backward_cpu(
 }
 
 /// d(qkv) for the output gradient `dy` (tokens, q · dim).
-fn backward(qkv: &Tensor, dy: &Tensor, h: Heads, lay: &Layout) -> Result<Tensor> {
+pub(super) fn backward(qkv: &Tensor, dy: &Tensor, h: Heads, lay: &Layout) -> Result<Tensor> {
     let n = qkv.dim(0)?;
     let (q, k, v) = split(qkv, h, lay)?;
     let dy = dy.reshape((n, h.q, h.dim))?.transpose(0, 1)?.contiguous()?;

@@ -129,13 +129,17 @@ impl Lora {
 
 /// A {0, 1/(1-p)} mask drawn from `seed` (host RNG: reproducible on any device).
 pub(crate) fn dropout_mask(shape: &[usize], p: f64, seed: u64, device: &Device) -> CResult<Tensor> {
+    let v = dropout_values(shape.iter().product(), p, seed);
+    Tensor::from_vec(v, shape, device)
+}
+
+/// The values of [`dropout_mask`], `n` of them.
+pub(crate) fn dropout_values(n: usize, p: f64, seed: u64) -> Vec<f32> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let keep = (1.0 / (1.0 - p)) as f32;
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
+    (0..n)
         .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
-        .collect();
-    Tensor::from_vec(v, shape, device)
+        .collect()
 }
 
 /// A frozen projection with an optional adapter.

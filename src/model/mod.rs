@@ -5,6 +5,7 @@ pub mod attention;
 mod attention_cpu;
 pub mod config;
 pub mod export;
+mod layer_cpu;
 pub mod lora;
 pub mod ops;
 pub mod phi3;

@@ -141,27 +141,34 @@ impl candle_core::CustomOp1 for SwigluCpu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
         let (CpuStorage::F32(v), Some((a, b))) = (s, l.contiguous_offsets()) else {
             candle_core::bail!("swiglu-cpu: contiguous f32 expected")
         };
         let (rows, width) = l.shape().dims2()?;
-        let i = width / 2;
-        let mut out = vec![0f32; rows * i];
-        out.par_chunks_mut(i)
-            .zip(v[a..b].par_chunks(width))
-            .for_each(|(o, x)| {
-                let (gate, up) = x.split_at(i);
-                for (o, &g) in o.iter_mut().zip(gate) {
-                    *o = -g;
-                }
-                super::vexp::exp_in_place(o);
-                for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
-                    *o = g / (1.0 + *o) * u;
-                }
-            });
-        Ok((CpuStorage::F32(out), Shape::from((rows, i))))
+        Ok((
+            CpuStorage::F32(swiglu_rows(&v[a..b], width / 2)),
+            Shape::from((rows, width / 2)),
+        ))
     }
+}
+
+/// `silu(gate) * up` for rows `[gate | up]` of width `2 i`, in parallel over the rows.
+pub(super) fn swiglu_rows(gu: &[f32], i: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut out = vec![0f32; gu.len() / 2];
+    out.par_chunks_mut(i)
+        .zip(gu.par_chunks(2 * i))
+        .for_each(|(o, x)| {
+            let (gate, up) = x.split_at(i);
+            for (o, &g) in o.iter_mut().zip(gate) {
+                *o = -g;
+            }
+            super::vexp::exp_in_place(o);
+            for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                *o = g / (1.0 + *o) * u;
+            }
+        });
+    out
 }
 
 /// Rows of logits computed at a time by [`linear_cross_entropy`]: bounds the f32 logits
@@ -270,7 +277,7 @@ fn ce_chunk_cpu(
 }
 
 /// [`ce_chunk_cpu`] on the raw rows: `h` (c, hidden), `w` (vocab, hidden).
-fn ce_chunk_rows(
+pub(super) fn ce_chunk_rows(
     hv: &[f32],
     wv: &[f32],
     (c, hidden, vocab): (usize, usize, usize),

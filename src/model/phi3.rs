@@ -16,6 +16,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::attention;
 use super::config::Phi3Config;
+use super::layer_cpu;
 use super::lora::{peft_key, Linear, Lora, LoraConfig};
 use super::ops;
 use super::weights::Weights;
@@ -544,7 +545,131 @@ impl Phi3 {
     /// gradient into `grads` (ordered as [`Self::lora_params`]) and returns the unscaled
     /// CE sum. With `recompute`, layer activations are recomputed during the backward
     /// instead of kept (same gradients, less memory). `dropout_seed` draws LoRA dropout.
+    ///
+    /// On the CPU in f32 this runs [`super::layer_cpu`]'s hand-written backward; elsewhere
+    /// candle's autograd ([`Self::forward_backward_graph`]).
     pub fn forward_backward(
+        &self,
+        b: &Batch,
+        scale: f64,
+        recompute: bool,
+        dropout_seed: Option<u64>,
+        grads: &mut [Option<Tensor>],
+    ) -> Result<f64> {
+        if self.device.is_cpu() && self.dtype == DType::F32 {
+            self.forward_backward_cpu(b, scale, recompute, dropout_seed, grads)
+        } else {
+            self.forward_backward_graph(b, scale, recompute, dropout_seed, grads)
+        }
+    }
+
+    /// Layer `l`'s weights as [`super::layer_cpu`] reads them (CPU, f32).
+    fn layer_cpu_weights(&self, l: usize, seed: Option<u64>) -> CResult<layer_cpu::LayerW<'_>> {
+        use layer_cpu::f32_view;
+        let layer = &self.layers[l];
+        let seed = |k: u64| seed.map(|s| seed_mix(s, l as u64, k));
+        Ok(layer_cpu::LayerW {
+            input_norm: f32_view(&layer.input_norm)?,
+            post_norm: f32_view(&layer.post_norm)?,
+            qkv: layer.qkv.cpu_view(seed(0))?,
+            o: layer.o.cpu_view(seed(1))?,
+            gate_up: layer.gate_up.cpu_view(seed(2))?,
+            down: layer.down.cpu_view(seed(3))?,
+            eps: self.cfg.rms_norm_eps as f32,
+            heads: attention::Heads {
+                q: self.cfg.num_attention_heads,
+                kv: self.cfg.num_key_value_heads,
+                dim: self.cfg.head_dim,
+                dtype: self.dtype,
+            },
+        })
+    }
+
+    /// [`Self::forward_backward`] on the CPU in f32, without a graph.
+    fn forward_backward_cpu(
+        &self,
+        b: &Batch,
+        scale: f64,
+        recompute: bool,
+        dropout_seed: Option<u64>,
+        grads: &mut [Option<Tensor>],
+    ) -> Result<f64> {
+        use layer_cpu::f32_view;
+        let (Some(pos), Some(tgt)) = (&b.target_pos, &b.targets) else {
+            return Ok(0.0);
+        };
+        let (n, hd) = (b.n_tokens(), self.cfg.hidden_size);
+        let weights = (0..self.layers.len())
+            .map(|l| self.layer_cpu_weights(l, dropout_seed))
+            .collect::<CResult<Vec<_>>>()?;
+        // xs[l]: the input of layer l; the last one the top of the stack.
+        let mut xs: Vec<Vec<f32>> = vec![self.embed(b)?.flatten_all()?.to_vec1::<f32>()?];
+        let mut saved = Vec::with_capacity(weights.len());
+        for w in &weights {
+            let (y, s) = w.forward(xs.last().expect("not empty"), n, &b.attn)?;
+            saved.push((!recompute).then_some(s));
+            xs.push(y);
+        }
+        // The head: final norm, the target rows, cross-entropy by chunks.
+        let top = xs.pop().expect("not empty");
+        let norm = f32_view(&self.norm)?;
+        let (hn, rn) = layer_cpu::rms_norm(&top, norm.get(), self.cfg.rms_norm_eps as f32);
+        let (pos, tgt) = (pos.to_vec1::<u32>()?, tgt.to_vec1::<u32>()?);
+        let mut rows = Vec::with_capacity(pos.len() * hd);
+        for &p in &pos {
+            rows.extend_from_slice(&hn[p as usize * hd..][..hd]);
+        }
+        drop(hn);
+        let lm = f32_view(&self.lm_head)?;
+        let vocab = self.cfg.vocab_size;
+        let mut d_hn = vec![0f32; n * hd];
+        let mut raw = 0f64;
+        for (c, (hc, tc)) in rows
+            .chunks(ops::CE_CHUNK * hd)
+            .zip(tgt.chunks(ops::CE_CHUNK))
+            .enumerate()
+        {
+            let (sum, dh) =
+                ops::ce_chunk_rows(hc, lm.get(), (tc.len(), hd, vocab), tc, scale as f32, true)?;
+            raw += sum;
+            let dh = dh.expect("asked for");
+            // Each position has at most one target: the rows are written, not added.
+            for (i, d) in dh.chunks(hd).enumerate() {
+                let p = pos[c * ops::CE_CHUNK + i] as usize;
+                d_hn[p * hd..][..hd].copy_from_slice(d);
+            }
+        }
+        if !raw.is_finite() {
+            return Ok(raw);
+        }
+        drop(rows);
+        let mut g = vec![0f32; n * hd];
+        layer_cpu::rms_norm_backward_add(&top, &rn, norm.get(), &d_hn, &mut g);
+        drop((top, d_hn));
+        let mut offset = grads.len();
+        for (l, w) in weights.iter().enumerate().rev() {
+            let x = xs.pop().expect("one input per layer");
+            let s = match saved.pop().flatten() {
+                Some(s) => s,
+                None => w.forward(&x, n, &b.attn)?.1,
+            };
+            let layer_grads = w.backward(&x, &s, &mut g, n, &b.attn, l > 0)?;
+            let params = self.layer_params(l);
+            offset -= params.len();
+            for ((slot, var), gv) in grads[offset..].iter_mut().zip(params).zip(layer_grads) {
+                let gv = Tensor::from_vec(gv, var.shape(), &self.device)?;
+                *slot = Some(match slot.take() {
+                    None => gv,
+                    Some(acc) => (acc + gv)?,
+                });
+            }
+        }
+        Ok(raw)
+    }
+
+    /// [`Self::forward_backward`] through candle's autograd: each layer's input is a leaf
+    /// of its own graph (see the module doc).
+    fn forward_backward_graph(
         &self,
         b: &Batch,
         scale: f64,
@@ -633,6 +758,29 @@ impl Phi3 {
 }
 
 impl Linear {
+    /// This projection as [`layer_cpu`] reads it (CPU, f32), with its dropout seed.
+    fn cpu_view(&self, seed: Option<u64>) -> CResult<layer_cpu::Lin<'_>> {
+        use layer_cpu::f32_view;
+        let (out, inp) = self.weight.dims2()?;
+        let lora = match &self.lora {
+            None => None,
+            Some(a) => Some(layer_cpu::LoraW {
+                a: f32_view(a.a.as_tensor())?,
+                b: f32_view(a.b.as_tensor())?,
+                r: a.a.dim(0)?,
+                scale: a.scale as f32,
+                dropout: a.dropout,
+            }),
+        };
+        Ok(layer_cpu::Lin {
+            w: f32_view(&self.weight)?,
+            out,
+            inp,
+            lora,
+            seed,
+        })
+    }
+
     /// Forward with the adapter's weights detached (no graph).
     pub fn forward_detached(&self, x: &Tensor, dropout_seed: Option<u64>) -> CResult<Tensor> {
         let y = super::skinny::matmul_t(x, &self.weight)?;
@@ -652,6 +800,91 @@ impl Linear {
                 let d = (xf.matmul(&l.a.as_detached_tensor().t()?)? * l.scale)?
                     .matmul(&l.b.as_detached_tensor().t()?)?;
                 y + d.to_dtype(dtype)?
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ops::tests::{max_diff, randn};
+    use serde_json::json;
+
+    /// A tiny model with GQA and a sliding window, random norm weights and non-zero B (so
+    /// every adapter tensor gets a gradient), LoRA dropout on.
+    fn tiny(dir: &Path) -> Phi3 {
+        let over = json!({"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                          "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300,
+                          "sliding_window": 6});
+        super::super::random::create_random_model(dir, &over, 3, None).unwrap();
+        let lora = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.25,
+            ..LoraConfig::default()
+        };
+        let mut m = Phi3::load(dir, lora, 5, &Device::Cpu, DType::F32).unwrap();
+        for (l, layer) in m.layers.iter_mut().enumerate() {
+            layer.input_norm = (randn(&[64], 10 + l as u64) + 1.0).unwrap();
+            layer.post_norm = (randn(&[64], 20 + l as u64) + 1.0).unwrap();
+        }
+        for (i, (_, var)) in m.lora_params().into_iter().enumerate() {
+            if i % 2 == 1 {
+                var.set(&(randn(var.dims(), 30 + i as u64) * 0.1).unwrap())
+                    .unwrap();
+            }
+        }
+        m
+    }
+
+    #[test]
+    fn hand_written_cpu_backward_equals_autograd() {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = tiny(&tmp.path().join("m"));
+        let lengths = [7usize, 12, 5];
+        let n: usize = lengths.iter().sum();
+        let ids: Vec<u32> = (0..n as u32).map(|i| (i * 37 + 11) % 300).collect();
+        let labels: Vec<i32> = (0..n)
+            .map(|i| if i % 5 == 0 { -100 } else { ids[i] as i32 })
+            .collect();
+        let b = m.batch(&ids, Some(&labels), &lengths).unwrap();
+        let params = m.lora_params().len();
+        for recompute in [false, true] {
+            let run = |cpu: bool| {
+                let mut grads = vec![None; params];
+                let mut loss = 0.0;
+                // twice: the second call accumulates into the first's gradients
+                for seed in [Some(7), Some(8)] {
+                    loss += if cpu {
+                        m.forward_backward_cpu(&b, 0.5, recompute, seed, &mut grads)
+                    } else {
+                        m.forward_backward_graph(&b, 0.5, recompute, seed, &mut grads)
+                    }
+                    .unwrap();
+                }
+                (loss, grads)
+            };
+            let ((l_cpu, g_cpu), (l_graph, g_graph)) = (run(true), run(false));
+            assert!(
+                (l_cpu - l_graph).abs() < 1e-5 * l_graph.abs(),
+                "{l_cpu} vs {l_graph}"
+            );
+            for (i, (a, b)) in g_cpu.iter().zip(&g_graph).enumerate() {
+                let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+                let size = b
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(size > 0.0, "parameter {i} got no gradient");
+                let d = max_diff(a, b);
+                assert!(
+                    d <= 1e-4 * size,
+                    "parameter {i} (recompute {recompute}): {d} of {size}"
+                );
             }
         }
     }

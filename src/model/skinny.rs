@@ -100,6 +100,97 @@ fn gemm_into(
     y
 }
 
+/// A row-major matrix `(rows, cols)` in `data`, used as is or transposed in [`product`].
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub t: bool,
+}
+
+impl<'a> Mat<'a> {
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        assert!(
+            data.len() >= rows * cols,
+            "{} values for {rows} x {cols}",
+            data.len()
+        );
+        Self {
+            data,
+            rows,
+            cols,
+            t: false,
+        }
+    }
+
+    /// The transpose (no copy: only the strides change).
+    pub fn t(self) -> Self {
+        Self { t: !self.t, ..self }
+    }
+
+    /// (rows, cols) as used, and the (row, column) strides.
+    fn used(&self) -> ((usize, usize), (usize, usize)) {
+        if self.t {
+            ((self.cols, self.rows), (1, self.cols))
+        } else {
+            ((self.rows, self.cols), (self.cols, 1))
+        }
+    }
+}
+
+/// `beta · a @ b` into new memory, on candle's thread count.
+pub(crate) fn product(a: Mat, b: Mat, beta: f32) -> Vec<f32> {
+    let ((m, _), (_, n)) = (a.used().0, b.used().0);
+    let mut y: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: `y` has capacity for the m·n values `product_into` writes (without
+    // accumulating, nothing is read first).
+    unsafe {
+        product_into(y.as_mut_ptr(), m * n, false, a, b, beta);
+        y.set_len(m * n);
+    }
+    y
+}
+
+/// `dst += beta · a @ b`, `dst` row-major (a's rows, b's columns).
+pub(crate) fn add_product(dst: &mut [f32], a: Mat, b: Mat, beta: f32) {
+    // SAFETY: `dst` is a live, initialised slice of the length passed.
+    unsafe { product_into(dst.as_mut_ptr(), dst.len(), true, a, b, beta) }
+}
+
+/// # Safety
+/// `dst` must be valid for writes of `len` values (and reads, with `accumulate`).
+unsafe fn product_into(dst: *mut f32, len: usize, accumulate: bool, a: Mat, b: Mat, beta: f32) {
+    let (((m, k), sa), ((k2, n), sb)) = (a.used(), b.used());
+    assert!(
+        k == k2 && len >= m * n,
+        "product: {m}x{k} @ {k2}x{n} into {len}"
+    );
+    if m * n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            std::ptr::write_bytes(dst, 0, m * n);
+        }
+        return;
+    }
+    // SAFETY: the shapes and strides stay inside `a.data`, `b.data` (asserted in
+    // `Mat::new`) and `dst` (asserted above).
+    mm(
+        (m, n, k),
+        dst,
+        (n, 1),
+        accumulate,
+        a.data.as_ptr(),
+        sa,
+        b.data.as_ptr(),
+        sb,
+        beta,
+        candle_core::utils::get_num_threads(),
+    )
+}
+
 /// `dst (m × n) (+)= beta · lhs (m × k) · rhs (k × n)` through `gemm`, each matrix given by
 /// its (row, column) strides, on `threads` threads (1: the calling thread only).
 ///

@@ -547,7 +547,8 @@ impl Phi3 {
     /// instead of kept (same gradients, less memory). `dropout_seed` draws LoRA dropout.
     ///
     /// On the CPU in f32 this runs [`super::layer_cpu`]'s hand-written backward; elsewhere
-    /// candle's autograd ([`Self::forward_backward_graph`]).
+    /// candle's autograd ([`Self::forward_backward_graph`]). `FERROTUNE_AUTOGRAD=1` forces
+    /// the autograd path on the CPU too (to compare the two, and as a fallback).
     pub fn forward_backward(
         &self,
         b: &Batch,
@@ -556,7 +557,8 @@ impl Phi3 {
         dropout_seed: Option<u64>,
         grads: &mut [Option<Tensor>],
     ) -> Result<f64> {
-        if self.device.is_cpu() && self.dtype == DType::F32 {
+        let forced = std::env::var_os("FERROTUNE_AUTOGRAD").is_some_and(|v| v == "1");
+        if self.device.is_cpu() && self.dtype == DType::F32 && !forced {
             self.forward_backward_cpu(b, scale, recompute, dropout_seed, grads)
         } else {
             self.forward_backward_graph(b, scale, recompute, dropout_seed, grads)

@@ -335,9 +335,11 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
+        max_abs(&(a - b).unwrap())
+    }
+
+    pub(crate) fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
             .unwrap()
             .max_all()
             .unwrap()

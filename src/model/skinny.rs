@@ -374,21 +374,8 @@ mod tests {
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
             let got = linear(&x, &w).unwrap().expect("applies");
             let want = x.matmul(&w.t().unwrap()).unwrap();
-            let diff = (got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let scale = want
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = crate::model::ops::tests::max_diff(&got, &want);
+            let scale = crate::model::ops::tests::max_abs(&want);
             assert!(diff <= 1e-5 * scale.max(1.0), "{m}x{k}x{n}: {diff}");
         }
     }

@@ -60,44 +60,12 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
 
 /// `x` (m, k) @ `w` (n, k)ᵀ with `gemm` on candle's thread count, into new memory.
 pub(crate) fn gemm_xwt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-    // w (n, k) read as wᵀ (k, n): row stride 1, column stride k
-    gemm_into(x, w, (m, k, n), (1, k))
+    product(Mat::new(x, m, k), Mat::new(w, n, k).t(), 1.0)
 }
 
 /// `x` (m, k) @ `w` (k, n) with `gemm`, into new memory.
 pub(crate) fn gemm_xw(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-    gemm_into(x, w, (m, k, n), (n, 1))
-}
-
-/// `x` (m, k, contiguous) times the (k, n) matrix in `w` with row / column strides
-/// `(w_rs, w_cs)`, on candle's thread count.
-fn gemm_into(
-    x: &[f32],
-    w: &[f32],
-    (m, k, n): (usize, usize, usize),
-    (w_rs, w_cs): (usize, usize),
-) -> Vec<f32> {
-    assert!(x.len() >= m * k && w.len() >= k * n);
-    let threads = candle_core::utils::get_num_threads();
-    let mut y: Vec<f32> = Vec::with_capacity(m * n);
-    // SAFETY: `y`'s capacity holds m·n values and gemm writes every one of them (no
-    // accumulation: nothing is read first); the inputs are in bounds (asserted).
-    unsafe {
-        mm(
-            (m, n, k),
-            y.as_mut_ptr(),
-            (n, 1),
-            false,
-            x.as_ptr(),
-            (k, 1),
-            w.as_ptr(),
-            (w_rs, w_cs),
-            1.0,
-            threads,
-        );
-        y.set_len(m * n);
-    }
-    y
+    product(Mat::new(x, m, k), Mat::new(w, k, n), 1.0)
 }
 
 /// A row-major matrix `(rows, cols)` in `data`, used as is or transposed in [`product`].

@@ -287,13 +287,9 @@ GRAD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("path", ["hand-written", "autograd"])
 @pytest.mark.parametrize("name, lora, lengths", GRAD_CASES)
-def test_loss_and_grads(dirs, name, lora, lengths, path, monkeypatch):
-    # On the CPU in float32 training runs the hand-written backward (model/layer_cpu.rs);
-    # FERROTUNE_AUTOGRAD=1 selects candle's autograd path, the one CUDA / bf16 training runs.
-    if path == "autograd":
-        monkeypatch.setenv("FERROTUNE_AUTOGRAD", "1")
+def test_loss_and_grads(dirs, name, lora, lengths):
+    # The layer's hand-written backward (model/layer.rs) on the CPU backend.
     ft, ref = make_pair(dirs(name), **lora)
     ids, labels = batch(lengths, seed=11)
     loss, n, grads = ft.loss_and_grads(ids, labels, list(lengths))
@@ -304,10 +300,7 @@ def test_loss_and_grads(dirs, name, lora, lengths, path, monkeypatch):
     assert_grads(grads, ref_grads)
 
 
-@pytest.mark.parametrize("path", ["hand-written", "autograd"])
-def test_recompute_gives_same_gradients(base_dir, path, monkeypatch):
-    if path == "autograd":
-        monkeypatch.setenv("FERROTUNE_AUTOGRAD", "1")
+def test_recompute_gives_same_gradients(base_dir):
     ft, _ = make_pair(base_dir)
     lengths = [30, 1, 45]
     ids, labels = batch(lengths, seed=12)

@@ -155,7 +155,7 @@ fn rows_for_split_pc(split_pc: String, n: u64) -> PyResult<u64> {
 /// Whether this build of ferrotune can use a CUDA GPU here (built with CUDA, and a GPU opens).
 #[pyfunction]
 fn cuda_available() -> bool {
-    crate::model::device("auto").is_ok_and(|d| d.is_cuda())
+    crate::model::backend("auto", "auto").is_ok_and(|b| b.name() != "cpu")
 }
 
 /// Seconds taken by each of `repeats` sums of a `floats`-long float32 tensor over the
@@ -175,20 +175,19 @@ fn _group_sum_timings(
         )
     })?;
     let timings = py.allow_threads(move || -> crate::error::Result<Vec<f64>> {
-        let device = candle_core::Device::Cpu;
+        let be = crate::kernels::cpu::Cpu;
         let mut group = crate::train::distributed::Group::join(
             &spec,
             "bench",
-            &device,
+            &be,
             &crate::progress::Ctx::silent(),
         )?;
-        let t = candle_core::Tensor::ones(floats, candle_core::DType::F32, &device)?;
         let mut out = Vec::with_capacity(repeats);
         for _ in 0..repeats {
+            let mut t = vec![1f32; floats];
             let t0 = std::time::Instant::now();
-            let s = group.sum_tensor(&t)?;
+            group.sum_f32(&mut t)?;
             out.push(t0.elapsed().as_secs_f64());
-            drop(s);
         }
         group.barrier()?;
         Ok(out)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from importlib import resources
@@ -502,3 +503,68 @@ def test_a_failed_tokenize_removes_the_folder_it_created(tmp_path, capsys):
                               tmp_path / "new" / "deeper" / "o.parquet", "--no-progress"], capsys)
     assert status == 2 and "line 1" in err
     assert not (tmp_path / "new").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# The set-up script and the README's two commands
+# ---------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+SETUP = ROOT / "scripts" / "setup.sh"
+
+
+def _setup(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([shutil.which("bash"), str(SETUP), *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env}, cwd=ROOT)
+
+
+def test_setup_installs_the_test_extra_only_when_asked():
+    demo = _setup("--dry-run")
+    assert demo.returncode == 0, demo.stderr
+    build = [line for line in demo.stdout.splitlines() if "maturin develop" in line]
+    assert len(build) == 1 and build[0].endswith("maturin develop --release -q"), demo.stdout
+    assert "--extras" not in demo.stdout and "next: .venv/bin/ferrotune demo" in demo.stdout
+
+    test = _setup("--test", "--dry-run")
+    assert test.returncode == 0, test.stderr
+    build = [line for line in test.stdout.splitlines() if "maturin develop" in line]
+    assert len(build) == 1 and build[0].endswith("maturin develop --release -q --extras test"), test.stdout
+    assert "next: .venv/bin/python -m pytest" in test.stdout
+
+
+def test_setup_explains_its_options_and_refuses_others():
+    h = _setup("--help")
+    assert h.returncode == 0 and "--test" in h.stdout and "--dry-run" in h.stdout and "PYTHON=" in h.stdout
+    bad = _setup("--tests")
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: unknown option '--tests' (use --test, --dry-run or --help)"
+
+
+def test_setup_checks_its_prerequisites_before_it_creates_anything(tmp_path):
+    had_venv = (ROOT / ".venv").exists()
+    r = _setup("--dry-run", PYTHON=str(tmp_path / "no-python"))
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Python >= 3.10" in r.stderr and r.stdout == ""
+    old = tmp_path / "python2"
+    old.write_text("#!/bin/sh\nif [ \"$1\" = -c ]; then case \"$2\" in *version_info*\\<*) exit 1;; esac; "
+                   "echo /usr/bin/python2 2.7.18; fi\n")
+    old.chmod(0o755)
+    r = _setup("--dry-run", PYTHON=str(old))
+    assert r.returncode == 2 and "is too old; ferrotune needs Python >= 3.10" in r.stderr, r.stderr
+    # no cargo on the PATH: only the tools the script itself uses (python3 comes from PYTHON=)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "dirname", "sed"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    r = _setup("--dry-run", PYTHON=sys.executable, PATH=str(bin_dir))
+    assert r.returncode == 2 and "cargo not found" in r.stderr, r.stderr
+    assert (ROOT / ".venv").exists() == had_venv
+
+
+def test_the_readme_has_two_commands_and_ci_runs_the_test_one():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Two commands", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("\n", 1)[1].strip() for b in section.split("```bash")[1:]]
+    blocks = [b.split("```")[0].strip() for b in blocks]
+    assert blocks == ["bash scripts/setup.sh && .venv/bin/ferrotune demo",
+                      "bash scripts/setup.sh --test && .venv/bin/python -m pytest"]
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "bash scripts/setup.sh --test\n.venv/bin/python -m pytest" in ci

@@ -430,6 +430,7 @@ def test_counts_are_singular_when_one(d, model_dir, tmp_path, capsys, monkeypatc
                                 tmp_path / "ft", "--max_steps", "1", "--progress", "lines", "--report-to", "none"], capsys)
     assert status == 0, err
     assert "(1 file to do)" in err and "done (1 file)" in err and "files" not in err, err
+    assert out.startswith("Trained 1 optimizer step (")
 
 
 def test_a_failed_task_prints_no_done_line(d, tmp_path, capsys):

@@ -134,7 +134,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=None,
                    help="a Hub dataset (e.g. HuggingFaceH4/ultrachat_200k) instead of the bundled sample; needs network")
     p.add_argument("--max-steps", "--max_steps", dest="max_steps", type=at_least(1), default=None,
-                   help="stop training after this many optimizer steps, >= 1 (default: 3 epochs)")
+                   help="stop training after this many optimizer steps, >= 1 (default: whole epochs, 3; 1 with --model)")
     p.add_argument("--device", default="auto", help="auto (GPU when available), cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -345,9 +345,9 @@ def test_every_subcommand_suggests_the_closest_flag(command, capsys):
 
 
 def test_the_standalone_modules_suggest_too(capsys):
-    from ferrotune import download_dataset as _  # noqa: F401  (the module stays callable)
     import importlib
 
+    # import_module: the package attribute `ferrotune.download_dataset` is the function
     dd = importlib.import_module("ferrotune.download_dataset")
     with pytest.raises(SystemExit) as e:
         dd.main(["--dataset_splt_pc", "5"])

@@ -797,7 +797,14 @@ def test_a_failing_callback_stops_training_with_its_error(monkeypatch):
         ferrotune.finetune("m", "t.jsonl", progress=False, report_to="none", callbacks=[cb])
 
 
-def test_cli_trains_and_prints_the_summary(fake_native, capsys):
+def _in_folder_with_train_file(tmp_path, monkeypatch) -> None:
+    # the command checks that --train-file exists before it starts
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.jsonl").write_text("")
+
+
+def test_cli_trains_and_prints_the_summary(fake_native, capsys, tmp_path, monkeypatch):
+    _in_folder_with_train_file(tmp_path, monkeypatch)
     assert cli.main(["finetune", *BASE_ARGS, "--num_train_epochs", "3", "--apply_deepspeed", "true",
                      "--progress", "none", "--report-to", "none"]) == 0
     out, err = capsys.readouterr()
@@ -805,7 +812,8 @@ def test_cli_trains_and_prints_the_summary(fake_native, capsys):
     assert fake_native.configs[0]["num_train_epochs"] == 3.0
 
 
-def test_cli_ctrl_c_exits_130(monkeypatch, capsys):
+def test_cli_ctrl_c_exits_130(monkeypatch, capsys, tmp_path):
+    _in_folder_with_train_file(tmp_path, monkeypatch)
     monkeypatch.setattr(_core, "finetune", FakeNative(raise_at_end=KeyboardInterrupt()), raising=False)
     assert cli.main(["finetune", *BASE_ARGS, "--progress", "none", "--report-to", "none"]) == 130
     assert "interrupted" in capsys.readouterr().err

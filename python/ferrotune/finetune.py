@@ -29,6 +29,7 @@ import numpy as np
 
 from . import _core
 from ._progress import LineRenderer, TqdmRenderer, make_renderer
+from ._text import plural
 from .exceptions import FerrotuneError, InvalidArgumentError
 
 __all__ = ["finetune", "FinetuneResult", "build_config", "DEFAULTS", "PARAMETER_NAMES"]
@@ -832,7 +833,7 @@ class FinetuneResult:
     def summary(self) -> str:
         """One paragraph: steps, time, throughput, loss, best evaluation, outputs."""
         text = (
-            f"Trained {self.global_step} optimizer steps ({self.epochs:g} epoch{'' if self.epochs == 1 else 's'}) "
+            f"Trained {plural(self.global_step, 'optimizer step')} ({self.epochs:g} epoch{'' if self.epochs == 1 else 's'}) "
             f"in {_duration(self.train_seconds)}{f' on {self.device}' if self.device else ''}: "
             f"{self.train_tokens:,} tokens, {self.tokens_per_second:,.0f} tokens/s"
         )

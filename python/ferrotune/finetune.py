@@ -313,8 +313,15 @@ def _parse_token(name: str, v: Any, notes: list) -> Optional[str]:
 
 
 def _parse_device(name: str, v: Any, notes: list) -> str:
-    if isinstance(v, str) and v.strip().lower() == "gpu":
-        return "cuda"
+    if isinstance(v, str):
+        s = v.strip().lower()
+        if s == "gpu":
+            return "cuda"
+        if re.fullmatch(r"cuda:\d+", s):
+            return s
+        # the emulated GPU of test builds (the `gpu-emu` cargo feature)
+        if s in ("emu", "emu-sm70") and _core.gpu_emulator():
+            return s
     return _as_choice(name, v, ("auto", "cpu", "cuda"))
 
 

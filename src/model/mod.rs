@@ -44,6 +44,15 @@ pub fn backend(device: &str, precision: &str) -> Result<Arc<dyn Backend>> {
     check_precision(precision)?;
     match device {
         "cpu" => Ok(Arc::new(Cpu)),
+        // The GPU backend on the emulated GPU (test builds with the `gpu-emu` feature):
+        // "emu" behaves like an sm_80 GPU (bf16), "emu-sm70" like a V100 (fp16).
+        #[cfg(feature = "gpu-emu")]
+        "emu" | "emu-sm70" => {
+            use crate::kernels::cuda::{activation_type, emu::Emu, Gpu};
+            let cc = if device == "emu" { (8, 0) } else { (7, 0) };
+            let act = activation_type(cc, precision, device)?;
+            Ok(Arc::new(Gpu::new(Arc::new(Emu::new(cc)), act, device.to_string())))
+        }
         "auto" => {
             Ok(crate::kernels::cuda::open_if_available(0, precision)?
                 .unwrap_or_else(|| Arc::new(Cpu)))

@@ -656,7 +656,7 @@ impl Phi3 {
 mod reference;
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! The hand-written backward against candle's autograd through the same maths written
     //! with differentiable candle ops (`super::reference`).
     use super::*;

@@ -152,6 +152,12 @@ fn rows_for_split_pc(split_pc: String, n: u64) -> PyResult<u64> {
         .map_err(|e| Python::with_gil(|py| errors::to_pyerr(py, e)))
 }
 
+/// Whether this build has the emulated GPU of the test builds (`device="emu"`).
+#[pyfunction]
+fn gpu_emulator() -> bool {
+    cfg!(feature = "gpu-emu")
+}
+
 /// Whether this build of ferrotune can use a CUDA GPU here (built with CUDA, and a GPU opens).
 #[pyfunction]
 fn cuda_available() -> bool {
@@ -204,6 +210,7 @@ fn ferrotune_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(hub_download, m)?)?;
     m.add_function(wrap_pyfunction!(rows_for_split_pc, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
+    m.add_function(wrap_pyfunction!(gpu_emulator, m)?)?;
     m.add_function(wrap_pyfunction!(_json_string, m)?)?;
     m.add_function(wrap_pyfunction!(_group_sum_timings, m)?)?;
     m.add_class::<chat::PyChatTokenizer>()?;

@@ -17,6 +17,8 @@ use crate::kernels::{Backend, Dt};
 mod driver;
 #[cfg(feature = "gpu-emu")]
 pub mod emu;
+#[cfg(all(test, feature = "gpu-emu"))]
+mod tests;
 
 /// The activation type for a GPU of compute capability `cc` at `precision` (see
 /// `model::backend`): bf16 where the GPU has it, fp16 (with loss scaling) before sm_80.

@@ -37,10 +37,12 @@
 
 namespace {
 
-constexpr int kTile = 64;          // query tile (fwd, dq) and key tile (dkdv): FT_ATTN_TILE
-constexpr int kSimtThreads = 256;  // FT_ATTN_SIMT_THREADS
-constexpr int kTcThreads = 128;    // FT_ATTN_TC_THREADS
-constexpr int kMaxD = 128;         // largest head_dim
+constexpr int kTile = FT_ATTN_TILE;                // query tile (fwd, dq), key tile (dkdv)
+constexpr int kSimtThreads = FT_ATTN_SIMT_THREADS;  // 64 rows x 4 threads
+constexpr int kTcThreads = FT_ATTN_TC_THREADS;      // 4 warps x 16 rows
+constexpr int kMaxD = FT_ATTN_MAX_HEAD_DIM;
+static_assert(kTile == 64 && kSimtThreads == 4 * kTile && kTcThreads == 2 * kTile && kMaxD == 128,
+              "the kernels below are written for these values");
 constexpr int kSlots = kMaxD / 4;  // columns per thread in the SIMT kernels
 constexpr int kSimtKeys = 32;      // key tile of the SIMT fwd / dq (f32 in shared memory)
 constexpr int kSimtQueries = 32;   // query tile of the SIMT dkdv
@@ -872,17 +874,17 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(const AttnBwdParams<T>& p) {
 #define FT_BF16_TC(call) __trap()
 #endif
 
-extern "C" __global__ void __launch_bounds__(256) attn_fwd_f32(const AttnFwdParams<float> p) { attn_fwd_simt(p); }
+extern "C" __global__ void __launch_bounds__(FT_ATTN_SIMT_THREADS) attn_fwd_f32(const AttnFwdParams<float> p) { attn_fwd_simt(p); }
 FT_EXPORT(attn_fwd_f32, AttnFwdParams<float>)
-extern "C" __global__ void __launch_bounds__(128) attn_fwd_f16(const AttnFwdParams<__half> p) { attn_fwd_tc(p); }
+extern "C" __global__ void __launch_bounds__(FT_ATTN_TC_THREADS) attn_fwd_f16(const AttnFwdParams<__half> p) { attn_fwd_tc(p); }
 FT_EXPORT(attn_fwd_f16, AttnFwdParams<__half>)
-extern "C" __global__ void __launch_bounds__(128) attn_fwd_bf16(const AttnFwdParams<__nv_bfloat16> p) { FT_BF16_TC(attn_fwd_tc(p)); }
+extern "C" __global__ void __launch_bounds__(FT_ATTN_TC_THREADS) attn_fwd_bf16(const AttnFwdParams<__nv_bfloat16> p) { FT_BF16_TC(attn_fwd_tc(p)); }
 FT_EXPORT(attn_fwd_bf16, AttnFwdParams<__nv_bfloat16>)
-extern "C" __global__ void __launch_bounds__(256) attn_fwd_simt_f32(const AttnFwdParams<float> p) { attn_fwd_simt(p); }
+extern "C" __global__ void __launch_bounds__(FT_ATTN_SIMT_THREADS) attn_fwd_simt_f32(const AttnFwdParams<float> p) { attn_fwd_simt(p); }
 FT_EXPORT(attn_fwd_simt_f32, AttnFwdParams<float>)
-extern "C" __global__ void __launch_bounds__(256) attn_fwd_simt_f16(const AttnFwdParams<__half> p) { attn_fwd_simt(p); }
+extern "C" __global__ void __launch_bounds__(FT_ATTN_SIMT_THREADS) attn_fwd_simt_f16(const AttnFwdParams<__half> p) { attn_fwd_simt(p); }
 FT_EXPORT(attn_fwd_simt_f16, AttnFwdParams<__half>)
-extern "C" __global__ void __launch_bounds__(256) attn_fwd_simt_bf16(const AttnFwdParams<__nv_bfloat16> p) { attn_fwd_simt(p); }
+extern "C" __global__ void __launch_bounds__(FT_ATTN_SIMT_THREADS) attn_fwd_simt_bf16(const AttnFwdParams<__nv_bfloat16> p) { attn_fwd_simt(p); }
 FT_EXPORT(attn_fwd_simt_bf16, AttnFwdParams<__nv_bfloat16>)
 
 extern "C" __global__ void attn_bwd_dot_f32(const AttnBwdParams<float> p) { attn_bwd_dot(p); }
@@ -898,28 +900,28 @@ FT_EXPORT(attn_bwd_dot_simt_f16, AttnBwdParams<__half>)
 extern "C" __global__ void attn_bwd_dot_simt_bf16(const AttnBwdParams<__nv_bfloat16> p) { attn_bwd_dot(p); }
 FT_EXPORT(attn_bwd_dot_simt_bf16, AttnBwdParams<__nv_bfloat16>)
 
-extern "C" __global__ void __launch_bounds__(256) attn_bwd_dkdv_f32(const AttnBwdParams<float> p) { attn_bwd_dkdv_simt(p); }
+extern "C" __global__ void __launch_bounds__(FT_ATTN_SIMT_THREADS) attn_bwd_dkdv_f32(const AttnBwdParams<float> p) { attn_bwd_dkdv_simt(p); }
 FT_EXPORT(attn_bwd_dkdv_f32, AttnBwdParams<float>)
-extern "C" __global__ void __launch_bounds__(128) attn_bwd_dkdv_f16(const AttnBwdParams<__half> p) { attn_bwd_dkdv_tc(p); }
+extern "C" __global__ void __launch_bounds__(FT_ATTN_TC_THREADS) attn_bwd_dkdv_f16(const AttnBwdParams<__half> p) { attn_bwd_dkdv_tc(p); }
 FT_EXPORT(attn_bwd_dkdv_f16, AttnBwdParams<__half>)
-extern "C" __global__ void __launch_bounds__(128) attn_bwd_dkdv_bf16(const AttnBwdParams<__nv_bfloat16> p) { FT_BF16_TC(attn_bwd_dkdv_tc(p)); }
+extern "C" __global__ void __launch_bounds__(FT_ATTN_TC_THREADS) attn_bwd_dkdv_bf16(const AttnBwdParams<__nv_bfloat16> p) { FT_BF16_TC(attn_bwd_dkdv_tc(p)); }
 FT_EXPORT(attn_bwd_dkdv_bf16, AttnBwdParams<__nv_bfloat16>)
-extern "C" __global__ void __launch_bounds__(256) attn_bwd_dkdv_simt_f32(const AttnBwdParams<float> p) { attn_bwd_dkdv_simt(p); }
+extern "C" __global__ void __launch_bounds__(FT_ATTN_SIMT_THREADS) attn_bwd_dkdv_simt_f32(const AttnBwdParams<float> p) { attn_bwd_dkdv_simt(p); }
 FT_EXPORT(attn_bwd_dkdv_simt_f32, AttnBwdParams<float>)
-extern "C" __global__ void __launch_bounds__(256) attn_bwd_dkdv_simt_f16(const AttnBwdParams<__half> p) { attn_bwd_dkdv_simt(p); }
+extern "C" __global__ void __launch_bounds__(FT_ATTN_SIMT_THREADS) attn_bwd_dkdv_simt_f16(const AttnBwdParams<__half> p) { attn_bwd_dkdv_simt(p); }
 FT_EXPORT(attn_bwd_dkdv_simt_f16, AttnBwdParams<__half>)
-extern "C" __global__ void __launch_bounds__(256) attn_bwd_dkdv_simt_bf16(const AttnBwdParams<__nv_bfloat16> p) { attn_bwd_dkdv_simt(p); }
+extern "C" __global__ void __launch_bounds__(FT_ATTN_SIMT_THREADS) attn_bwd_dkdv_simt_bf16(const AttnBwdParams<__nv_bfloat16> p) { attn_bwd_dkdv_simt(p); }
 FT_EXPORT(attn_bwd_dkdv_simt_bf16, AttnBwdParams<__nv_bfloat16>)
 
-extern "C" __global__ void __launch_bounds__(256) attn_bwd_dq_f32(const AttnBwdParams<float> p) { attn_bwd_dq_simt(p); }
+extern "C" __global__ void __launch_bounds__(FT_ATTN_SIMT_THREADS) attn_bwd_dq_f32(const AttnBwdParams<float> p) { attn_bwd_dq_simt(p); }
 FT_EXPORT(attn_bwd_dq_f32, AttnBwdParams<float>)
-extern "C" __global__ void __launch_bounds__(128) attn_bwd_dq_f16(const AttnBwdParams<__half> p) { attn_bwd_dq_tc(p); }
+extern "C" __global__ void __launch_bounds__(FT_ATTN_TC_THREADS) attn_bwd_dq_f16(const AttnBwdParams<__half> p) { attn_bwd_dq_tc(p); }
 FT_EXPORT(attn_bwd_dq_f16, AttnBwdParams<__half>)
-extern "C" __global__ void __launch_bounds__(128) attn_bwd_dq_bf16(const AttnBwdParams<__nv_bfloat16> p) { FT_BF16_TC(attn_bwd_dq_tc(p)); }
+extern "C" __global__ void __launch_bounds__(FT_ATTN_TC_THREADS) attn_bwd_dq_bf16(const AttnBwdParams<__nv_bfloat16> p) { FT_BF16_TC(attn_bwd_dq_tc(p)); }
 FT_EXPORT(attn_bwd_dq_bf16, AttnBwdParams<__nv_bfloat16>)
-extern "C" __global__ void __launch_bounds__(256) attn_bwd_dq_simt_f32(const AttnBwdParams<float> p) { attn_bwd_dq_simt(p); }
+extern "C" __global__ void __launch_bounds__(FT_ATTN_SIMT_THREADS) attn_bwd_dq_simt_f32(const AttnBwdParams<float> p) { attn_bwd_dq_simt(p); }
 FT_EXPORT(attn_bwd_dq_simt_f32, AttnBwdParams<float>)
-extern "C" __global__ void __launch_bounds__(256) attn_bwd_dq_simt_f16(const AttnBwdParams<__half> p) { attn_bwd_dq_simt(p); }
+extern "C" __global__ void __launch_bounds__(FT_ATTN_SIMT_THREADS) attn_bwd_dq_simt_f16(const AttnBwdParams<__half> p) { attn_bwd_dq_simt(p); }
 FT_EXPORT(attn_bwd_dq_simt_f16, AttnBwdParams<__half>)
-extern "C" __global__ void __launch_bounds__(256) attn_bwd_dq_simt_bf16(const AttnBwdParams<__nv_bfloat16> p) { attn_bwd_dq_simt(p); }
+extern "C" __global__ void __launch_bounds__(FT_ATTN_SIMT_THREADS) attn_bwd_dq_simt_bf16(const AttnBwdParams<__nv_bfloat16> p) { attn_bwd_dq_simt(p); }
 FT_EXPORT(attn_bwd_dq_simt_bf16, AttnBwdParams<__nv_bfloat16>)

@@ -16,7 +16,8 @@
 //
 // What is emulated, and how:
 //   * qualifiers: __global__ (always-inlined: no symbol of its own), __device__, __host__,
-//     __forceinline__, __noinline__, __align__(n), __launch_bounds__(...), __restrict__;
+//     __forceinline__, __align__(n), __launch_bounds__(...), __restrict__ (not __noinline__:
+//     libstdc++ spells its own attribute that way);
 //   * threadIdx / blockIdx / blockDim / gridDim (per fiber), warpSize;
 //   * __shared__ = `thread_local`: a block-scope __shared__ variable is shared by the fibers
 //     of the block that runs on this OS thread (blocks run one after another). It is NOT
@@ -75,7 +76,6 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline __attribute__((always_inline))
-#define __noinline__ __attribute__((noinline))
 #define __shared__ thread_local
 #define __constant__ static const
 #define __align__(n) __attribute__((aligned(n)))
@@ -492,12 +492,16 @@ inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, T>& f, const T* p
             f.x[ft_slot(r * 16 + c)] = layout == mem_row_major ? p[(size_t)r * ldm + c] : p[r + (size_t)c * ldm];
 }
 
+// Each lane stores only its share of the tile (element i by lane i % 32), as on a GPU, so
+// that a read of the stored tile without a __syncwarp first sees stale data here too.
 template <class T>
 inline void store_matrix_sync(T* p, const fragment<accumulator, 16, 16, 16, T>& f, unsigned ldm,
                               layout_t layout) {
     ft_check_ptr(p, ldm, "store_matrix_sync");
+    const int lane = (int)ft_emu_detail::lane();
     for (int r = 0; r < 16; ++r)
         for (int c = 0; c < 16; ++c) {
+            if ((r * 16 + c) % 32 != lane) continue;
             T v = f.x[ft_slot(r * 16 + c)];
             if (layout == mem_row_major) p[(size_t)r * ldm + c] = v; else p[r + (size_t)c * ldm] = v;
         }

@@ -5,7 +5,9 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cinttypes>
+#include <cstdarg>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -154,12 +156,30 @@ void launch(LaunchFn fn, SizeFn size, unsigned gx, unsigned gy, unsigned gz, uns
 
 // ------------------------------------------------------------------------------------------
 // Reporting: every check prints its shape, errors and tolerance; failures are counted.
+// Checks that run on worker threads write into their job's buffer (sink), printed in order.
 struct Report {
-    int checks = 0, failures = 0;
+    std::atomic<int> checks{0}, failures{0};
 };
 inline Report& report() {
     static Report r;
     return r;
+}
+inline std::string*& sink() {
+    static thread_local std::string* s = nullptr;
+    return s;
+}
+__attribute__((format(printf, 1, 2))) inline void out(const char* f, ...) {
+    char buf[1024];
+    va_list ap;
+    va_start(ap, f);
+    std::vsnprintf(buf, sizeof buf, f, ap);
+    va_end(ap);
+    if (sink()) {
+        *sink() += buf;
+    } else {
+        std::fputs(buf, stdout);
+        std::fflush(stdout);
+    }
 }
 
 // Element i passes when |got − want| <= rtol · max(|want|, floor). NaN must match NaN.
@@ -198,11 +218,9 @@ struct Cmp {
         r.checks++;
         const bool ok = bad == 0 && n > 0;
         if (!ok) r.failures++;
-        std::printf("[%s] %-64s n=%-8zu max_abs=%.3e max_rel=%.3e  tol: rel %.1e of max(|ref|, %.1e)\n",
-                    ok ? "PASS" : "FAIL", what.c_str(), n, max_abs, max_rel, rtol, floor);
-        if (!ok && n > 0)
-            std::printf("       %zu bad, first at %zu: got %.9g want %.9g\n", bad, first_bad, bad_got, bad_want);
-        std::fflush(stdout);
+        out("[%s] %-64s n=%-8zu max_abs=%.3e max_rel=%.3e  tol: rel %.1e of max(|ref|, %.1e)\n",
+            ok ? "PASS" : "FAIL", what.c_str(), n, max_abs, max_rel, rtol, floor);
+        if (!ok && n > 0) out("       %zu bad, first at %zu: got %.9g want %.9g\n", bad, first_bad, bad_got, bad_want);
         return ok;
     }
 };
@@ -211,8 +229,7 @@ inline bool expect(bool cond, const std::string& what) {
     Report& r = report();
     r.checks++;
     if (!cond) r.failures++;
-    std::printf("[%s] %s\n", cond ? "PASS" : "FAIL", what.c_str());
-    std::fflush(stdout);
+    out("[%s] %s\n", cond ? "PASS" : "FAIL", what.c_str());
     return cond;
 }
 

@@ -27,7 +27,7 @@ t0=$(date +%s)
 # one job per line: <output> <mode> <source>; mode k = kernel source (.cu), c = plain C++
 jobs=()
 for f in "$SRC"/*.cu; do jobs+=("$OUT/$(basename "${f%.cu}").o k $f"); done
-jobs+=("$OUT/cuda_emu.o c $EMU/cuda_emu.cpp")
+jobs+=("$OUT/cuda_emu.o k $EMU/cuda_emu.cpp")  # the same flags as the kernels, as the cc crate will
 jobs+=("$OUT/test_emu.o k $EMU/tests/test_emu.cu")
 for f in "$EMU"/tests/*.cpp; do jobs+=("$OUT/$(basename "${f%.cpp}").o k $f"); done
 export CXX OUT

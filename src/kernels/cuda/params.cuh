@@ -12,6 +12,11 @@
 // (__nv_bfloat16). Activations are row-major `(rows, width)`; all arithmetic inside the
 // kernels is f32 (accumulations, statistics), only loads and stores use T.
 //
+// Launches: every "one block per row" kernel also loops over rows with a grid stride, and
+// every 1-D kernel over elements, so a grid smaller than documented is still correct; block
+// reductions need blockDim.x to be a multiple of 32 (kernels trap on a block shape they
+// cannot use).
+//
 // The same sources compile twice:
 //   * by NVRTC (CUDA 12) into machine code for sm_70 .. sm_90 + PTX (build.rs, `cuda`
 //     feature), loaded by name through the CUDA driver;
@@ -220,14 +225,14 @@ struct SumParams {
 //   else (and thread 0 of block 0 writes *status = 0):
 //     clip = max_norm > 0 ? min(1, max_norm / (norm + 1e-6)) : 1      (torch's clip_grad_norm_)
 //     g' = g · grad_scale · clip
-// (norm and clip in f64, like train/optim.rs; then g' = g · f32(grad_scale · clip) and the
-// rest in f32)
 //     p = p · (1 − lr · weight_decay)
 //     m = m + (g' − m) · (1 − beta1)
 //     v = beta2 · v + (1 − beta2) · g'²
 //     p = p − (lr / bc1) · m / (sqrt(v) / bc2_sqrt + eps)
 // (torch.optim.AdamW's single-tensor arithmetic; bc1 = 1 − beta1^t, bc2_sqrt =
 // sqrt(1 − beta2^t), computed on the host per step.) The grads are left as they were.
+// norm and clip are computed in f64 (as train/optim.rs), then g' = g · f32(grad_scale · clip)
+// and the rest of the update in f32.
 struct AdamWParams {
     float* p;
     const float* g;

@@ -53,6 +53,14 @@
 //     extern "C" unsigned long long ft_emu_sizeof_<name>(void);   // sizeof(Params)
 // The library exports no other global symbols than ft_emu_* (helpers are static, inline or
 // in anonymous namespaces).
+//
+// Building (as scripts/test_kernels_emu.sh does, and the Rust build script should): every
+// src/kernels/cuda/*.cu and emu/cuda_emu.cpp, all with the same flags
+//     -std=c++17 -DFT_EMU -include <...>/emu/cuda_emu.h -x c++      (and -pthread)
+// into one static library, linked with the C++ standard library. Fibers switch through a
+// few lines of assembly on x86-64 and through ucontext elsewhere (or with -DFT_EMU_UCONTEXT).
+// Stack size per fiber: FT_EMU_STACK_KB (default 512; the tensor-core attention kernels hold
+// whole 16x16 fragments per lane: tens of KB).
 #pragma once
 
 #ifndef FT_EMU

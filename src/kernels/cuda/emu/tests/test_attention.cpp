@@ -8,10 +8,12 @@
 //
 // Tolerances are relative to each tensor's scale (the largest reference value), since every
 // output is a reduction: |got − ref| <= rtol · max(max|ref|, 0.1), with rtol
-//   f32: 2e-5;   f16: 4 · 2^-10 (out), 8 · 2^-10 (gradients);   bf16: 4 · 2^-7, 8 · 2^-7
-// (the tensor-core kernels round P and dS to the input type before the second product, as
-// flash-attention does, and the backward's delta comes from the rounded output), and lse to
-// 1e-5 relative (it is f32 from exact products of the rounded inputs).
+//   f32: 2e-5;   f16: 1.5 · 2^-10 (out), 2 · 2^-10 (gradients);   bf16: 1.5 · 2^-7, 2 · 2^-7
+// i.e. 1.5 and 2 units in the last place of a value of magnitude 1-2 (outputs here reach
+// 2-7), with room for the tensor-core kernels rounding P and dS to the input type before
+// the second product (as flash-attention does) and the backward's delta coming from the
+// rounded output; measured so far: f16 at most 0.4 (out) and 0.65 (gradients) of 2^-10,
+// bf16 0.4 and 0.7 of 2^-7, f32 6.5e-6. lse to 1e-5 relative (f32 from exact products).
 // Also checked: every element the kernels must not write keeps its sentinel (gap rows
 // between segments, row padding, the other heads' columns), and a second backward run is
 // bit-identical to the first.
@@ -318,8 +320,8 @@ void run_variant(const Case& c, const Setup<T>& S, const Ref& R, Variant var) {
     if (var == Variant::SIMT) FT_LAUNCH(attn_fwd_simt, T, qt, H, S.n_segs, block, fp);
     else FT_LAUNCH(attn_fwd, T, qt, H, S.n_segs, block, fp);
 
-    const double rt_out = is_f32 ? 2e-5 : 4 * DT<T>::eps;
-    const double rt_grad = is_f32 ? 2e-5 : 8 * DT<T>::eps;
+    const double rt_out = is_f32 ? 2e-5 : 1.5 * DT<T>::eps;
+    const double rt_grad = is_f32 ? 2e-5 : 2 * DT<T>::eps;
     std::vector<bool> seg_row(S.rows, false);
     for (int s = 0; s < S.n_segs; ++s)
         for (int r = 0; r < c.lens[s]; ++r) seg_row[S.q_row[s] + r] = true;

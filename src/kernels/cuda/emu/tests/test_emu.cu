@@ -90,6 +90,21 @@ __device__ void k_wmma(const EmuParams& p) {
     if (p.mode == 1) wm::load_matrix_sync(fa, a + 8, 16);  // misaligned: must abort
 }
 
+// The math functions and intrinsics the emulator provides beyond the C library's.
+__device__ void k_math(const EmuParams& p) {
+    if (threadIdx.x != 0) return;
+    float s, c;
+    sincosf(0.5f, &s, &c);
+    const float* a = p.a;
+    p.c[0] = s - sinf(0.5f) + c - cosf(0.5f);
+    p.c[1] = rsqrtf(a[0]) - 0.5f;                  // a[0] = 4
+    p.c[2] = __expf(a[1]) - expf(a[1]);             // a[1] = 1.5
+    p.c[3] = __fdividef(a[0], 2.0f) - 2.0f;
+    p.c[4] = __logf(a[0]) - logf(4.0f);
+    p.c[5] = fmaxf(a[1], -INFINITY) - a[1] + (__float_as_uint(1.0f) == 0x3f800000u ? 0.f : 1.f);
+    p.c[6] = __saturatef(a[1]) - 1.0f + (float)(__popc(0xf0u) - 4);
+}
+
 __device__ void k_atomic(const EmuParams& p) {
     atomicAdd(p.dout, 1.0);
     atomicAdd(p.out, 1);
@@ -123,6 +138,8 @@ extern "C" __global__ void emu_wmma_f16(const EmuParams p) { k_wmma<__half>(p); 
 FT_EXPORT(emu_wmma_f16, EmuParams)
 extern "C" __global__ void emu_wmma_bf16(const EmuParams p) { k_wmma<__nv_bfloat16>(p); }
 FT_EXPORT(emu_wmma_bf16, EmuParams)
+extern "C" __global__ void emu_math(const EmuParams p) { k_math(p); }
+FT_EXPORT(emu_math, EmuParams)
 extern "C" __global__ void emu_atomic(const EmuParams p) { k_atomic(p); }
 FT_EXPORT(emu_atomic, EmuParams)
 extern "C" __global__ void emu_death(const EmuParams p) { k_death(p); }
@@ -190,6 +207,14 @@ void run_emu_tests() {
                 cmp.add(out[i * 16 + j], want);
             }
         cmp.done();
+    }
+    {  // math functions and intrinsics
+        std::vector<float> a = {4.0f, 1.5f}, c(8, -1.0f);
+        EmuParams p{nullptr, nullptr, a.data(), nullptr, c.data(), 0, 0};
+        ft_emu_emu_math(1, 1, 1, 32, 1, 1, 0, &p);
+        bool ok = true;
+        for (int i = 0; i < 7; ++i) ok &= std::isnan(c[i]) ? false : std::fabs(c[i]) < 1e-6f;
+        expect(ok, "emulator: sincosf, rsqrtf, __expf, __fdividef, __logf, fmaxf/INFINITY, bit casts, __saturatef, __popc");
     }
     {  // atomics from 4 host threads at once, 20 blocks x 64 threads each
         double total = 0;

@@ -37,15 +37,17 @@
 
 namespace {
 
-constexpr int kTile = FT_ATTN_TILE;                // query tile (fwd, dq), key tile (dkdv)
-constexpr int kSimtThreads = FT_ATTN_SIMT_THREADS;  // 64 rows x 4 threads
-constexpr int kTcThreads = FT_ATTN_TC_THREADS;      // 4 warps x 16 rows
-constexpr int kMaxD = FT_ATTN_MAX_HEAD_DIM;
+enum : int {
+    kTile = FT_ATTN_TILE,                // query tile (fwd, dq), key tile (dkdv)
+    kSimtThreads = FT_ATTN_SIMT_THREADS,  // 64 rows x 4 threads
+    kTcThreads = FT_ATTN_TC_THREADS,      // 4 warps x 16 rows
+    kMaxD = FT_ATTN_MAX_HEAD_DIM,
+    kSlots = kMaxD / 4,  // columns per thread in the SIMT kernels
+    kSimtKeys = 32,      // key tile of the SIMT fwd / dq (f32 in shared memory)
+    kSimtQueries = 32,   // query tile of the SIMT dkdv
+};
 static_assert(kTile == 64 && kSimtThreads == 4 * kTile && kTcThreads == 2 * kTile && kMaxD == 128,
               "the kernels below are written for these values");
-constexpr int kSlots = kMaxD / 4;  // columns per thread in the SIMT kernels
-constexpr int kSimtKeys = 32;      // key tile of the SIMT fwd / dq (f32 in shared memory)
-constexpr int kSimtQueries = 32;   // query tile of the SIMT dkdv
 
 __device__ __forceinline__ bool key_visible(int key, int qpos, int window) {
     return key <= qpos && qpos - key < window;
@@ -368,9 +370,11 @@ __host__ __device__ constexpr int max_over_head_dims() {
     for (int d = 16; d <= kMaxD; d += 16) m = F(d) > m ? F(d) : m;
     return m;
 }
-constexpr int kFwdSmem = max_over_head_dims<fwd_smem>();
-constexpr int kDqSmem = max_over_head_dims<dq_smem>();
-constexpr int kDkdvSmem = max_over_head_dims<dkdv_smem>();
+enum : int {
+    kFwdSmem = max_over_head_dims<fwd_smem>(),
+    kDqSmem = max_over_head_dims<dq_smem>(),
+    kDkdvSmem = max_over_head_dims<dkdv_smem>(),
+};
 static_assert(kFwdSmem <= 48 * 1024 && kDqSmem <= 48 * 1024 && kDkdvSmem <= 48 * 1024,
               "static shared memory above 48 KB needs an opt-in");
 

@@ -26,7 +26,9 @@
 
 namespace {
 
-constexpr unsigned kFullMask = 0xffffffffu;
+// Constants are enumerators: with -default-device NVRTC would give a namespace-scope
+// constexpr variable device storage in every module.
+enum : unsigned { kFullMask = 0xffffffffu };
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }

@@ -95,6 +95,7 @@ struct Ctx {
 
 struct Fiber {
     Ctx ctx;
+    unsigned memo_calls;  // memo lookups so far in this block
     ft_emu_thread_view view;
     unsigned linear;  // thread index within the block
     unsigned warp, lane;
@@ -113,6 +114,16 @@ struct Warp {
     unsigned arrived;  // lanes waiting at the pending warp barrier
     unsigned mask;     // its mask
     int op;            // and operation
+};
+
+// Memo entries per warp (a ring indexed by the lane's lookup count): enough for the
+// lookups a lane makes between two warp barriers in ferrotune's kernels (up to 64).
+constexpr unsigned kMemoEntries = 96;
+constexpr unsigned kMemoBytes = 4096;  // inputs + output of one entry
+struct MemoEntry {
+    unsigned seq;  // lookup count + 1 of the lane that stored it; 0: empty
+    unsigned n1, n2, n3, n_out;
+    alignas(16) unsigned char data[kMemoBytes];
 };
 
 constexpr unsigned kMaxThreads = 1024;
@@ -143,7 +154,9 @@ struct Pool {
     unsigned n_stacks = 0;
     size_t stack_size = 0;
     unsigned char* dyn = nullptr;  // dynamic shared memory (+ canary)
+    MemoEntry* memo[kMaxThreads / 32] = {};  // per warp, allocated on first use
     ~Pool() {
+        for (MemoEntry* m : memo) std::free(m);
         for (unsigned i = 0; i < n_stacks; ++i) munmap(stacks[i], stack_size + page());
         std::free(stacks);
         std::free(fibers);
@@ -409,6 +422,44 @@ void ft_emu_rt_warp(int op, unsigned mask, const void* in, unsigned size, int sr
     w.arrived = 0;
 }
 
+int ft_emu_rt_memo_get(const void* in1, unsigned n1, const void* in2, unsigned n2, const void* in3,
+                       unsigned n3, void* out, unsigned n_out) {
+    Fiber* me = tl_fiber;
+    if (!me) ft_emu_rt_fail("warp memo used outside a kernel");
+    const unsigned k = me->memo_calls++;
+    MemoEntry* ring = tl_pool.memo[me->warp];
+    if (!ring) return 0;
+    const MemoEntry& e = ring[k % kMemoEntries];
+    if (e.seq != k + 1 || e.n1 != n1 || e.n2 != n2 || e.n3 != n3 || e.n_out != n_out) return 0;
+    if (std::memcmp(e.data, in1, n1) != 0 || std::memcmp(e.data + n1, in2, n2) != 0 ||
+        std::memcmp(e.data + n1 + n2, in3, n3) != 0)
+        return 0;
+    std::memcpy(out, e.data + n1 + n2 + n3, n_out);
+    return 1;
+}
+
+void ft_emu_rt_memo_put(const void* in1, unsigned n1, const void* in2, unsigned n2, const void* in3,
+                        unsigned n3, const void* out, unsigned n_out) {
+    Fiber* me = tl_fiber;
+    if (!me) ft_emu_rt_fail("warp memo used outside a kernel");
+    if (n1 + n2 + n3 + n_out > kMemoBytes) return;
+    MemoEntry*& ring = tl_pool.memo[me->warp];
+    if (!ring) {
+        ring = static_cast<MemoEntry*>(std::calloc(kMemoEntries, sizeof(MemoEntry)));
+        if (!ring) return;
+    }
+    MemoEntry& e = ring[(me->memo_calls - 1) % kMemoEntries];  // this lane's last lookup
+    e.seq = me->memo_calls;
+    e.n1 = n1;
+    e.n2 = n2;
+    e.n3 = n3;
+    e.n_out = n_out;
+    std::memcpy(e.data, in1, n1);
+    std::memcpy(e.data + n1, in2, n2);
+    std::memcpy(e.data + n1 + n2, in3, n3);
+    std::memcpy(e.data + n1 + n2 + n3, out, n_out);
+}
+
 void* ft_emu_rt_dyn_smem(void) {
     Block* b = tl_block;
     if (!b || !tl_fiber) ft_emu_rt_fail("dynamic shared memory used outside a kernel");
@@ -469,8 +520,12 @@ void ft_emu_rt_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, u
                     b.warps[w].mask = 0;
                     b.warps[w].op = 0;
                 }
+                for (unsigned w = 0; w < b.nwarps; ++w)
+                    if (pool.memo[w])
+                        for (unsigned e = 0; e < kMemoEntries; ++e) pool.memo[w][e].seq = 0;
                 for (unsigned i = 0; i < n; ++i) {
                     Fiber& f = b.fibers[i];
+                    f.memo_calls = 0;
                     f.view.tid = uint3{i % bx, (i / bx) % by, i / (bx * by)};
                     f.view.bid = uint3{x, y, z};
                     f.view.bdim = dim3(bx, by, bz);

@@ -24,7 +24,14 @@
 // Launch (see params.cuh, FT_ATTN_*): grid = (tiles of 64 of the longest segment's queries
 // -- keys for attn_bwd_dkdv --, heads -- kv_heads for attn_bwd_dkdv --, segments); every
 // index is also a grid-stride loop, so a smaller grid is still correct. No dynamic shared
-// memory; static shared memory < 48 KB per block.
+// memory; static shared memory < 48 KB per block:
+//   tensor cores  fwd / dq: K and V tiles of 64 keys (32 when head_dim > 112) staged as T,
+//                 a 16 x keys f32 score tile per warp: 45,312 / 45,056 bytes.
+//                 dkdv: K and V of the block's 64 keys, Q and dO tiles of 32 queries (16
+//                 when head_dim > 96), a 16 x queries f32 tile per warp: 45,312 bytes.
+//   SIMT          fwd / dq: K and V tiles of 32 keys in f32: 32,768 bytes; dkdv: Q and dO
+//                 tiles of 32 queries in f32: 33,024 bytes.
+//   attn_bwd_dot  128 threads (a warp per head), no shared memory.
 //
 // The backward is deterministic (no atomics): attn_bwd_dot computes delta = rowsum(dO ∘ O),
 // attn_bwd_dkdv owns a tile of keys of one kv head and loops over the group's query heads

@@ -51,7 +51,11 @@ pub fn backend(device: &str, precision: &str) -> Result<Arc<dyn Backend>> {
             use crate::kernels::cuda::{activation_type, emu::Emu, Gpu};
             let cc = if device == "emu" { (8, 0) } else { (7, 0) };
             let act = activation_type(cc, precision, device)?;
-            Ok(Arc::new(Gpu::new(Arc::new(Emu::new(cc)), act, device.to_string())))
+            Ok(Arc::new(Gpu::new(
+                Arc::new(Emu::new(cc)),
+                act,
+                device.to_string(),
+            )))
         }
         "auto" => {
             Ok(crate::kernels::cuda::open_if_available(0, precision)?

@@ -367,8 +367,8 @@ pub trait Backend: Send + Sync {
 
     // --- memory
     /// A buffer of `dt` holding `v` (converted, rounded to nearest even).
-    fn from_f32(&self, v: &[f32], dt: Dt) -> Result<Buf>;
-    fn from_i32(&self, v: &[i32]) -> Result<Buf>;
+    fn upload_f32(&self, v: &[f32], dt: Dt) -> Result<Buf>;
+    fn upload_i32(&self, v: &[i32]) -> Result<Buf>;
     /// The values of `b` as f32 (waits for the device).
     fn to_f32(&self, b: &Buf) -> Result<Vec<f32>>;
     /// The values of an f64 buffer (waits for the device).

@@ -209,6 +209,7 @@ impl LayerW {
     /// Turns `g` = d loss / d output (n, hidden) into d loss / d input, in place (left
     /// partial when `need_dx` is false: the first layer's input is frozen), and adds the
     /// adapter gradients into `grads`.
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         s: &Step,

@@ -38,6 +38,9 @@ pub struct AdapterEntry {
     pub b_off: usize,
 }
 
+/// An adapter's `scale · B A` (row-major values, out, in).
+pub type Delta = (Vec<f32>, usize, usize);
+
 /// The adapter parameters: f32 on the backend, plus their copy in the activation type
 /// (what the layers' products read) when that is not f32.
 pub struct Adapters {
@@ -126,7 +129,7 @@ impl Phi3 {
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let act = be.act();
         let get = |name: &str, shape: &[usize]| -> Result<Buf> {
-            be.from_f32(&w.get_f32(name, shape)?, act)
+            be.upload_f32(&w.get_f32(name, shape)?, act)
         };
         let embed = get("model.embed_tokens.weight", &[v, h])?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -191,7 +194,7 @@ impl Phi3 {
             Some(get("lm_head.weight", &[v, h])?)
         };
         let n_lora = init.len();
-        let params = be.from_f32(&init, Dt::F32)?;
+        let params = be.upload_f32(&init, Dt::F32)?;
         let adapters = Adapters {
             act: Self::act_copy(be.as_ref(), &params)?,
             params,
@@ -305,7 +308,7 @@ impl Phi3 {
                 self.n_lora
             )));
         }
-        let params = self.be.from_f32(v, Dt::F32)?;
+        let params = self.be.upload_f32(v, Dt::F32)?;
         let act = Self::act_copy(self.be.as_ref(), &params)?;
         *self.adapters.write().expect("adapters lock") = Adapters { params, act };
         Ok(())
@@ -321,7 +324,7 @@ impl Phi3 {
     }
 
     /// `scale · B A` (out, in) f32 of every adapter, by the name of the weight it adds to.
-    pub fn lora_deltas(&self) -> Result<HashMap<String, (Vec<f32>, usize, usize)>> {
+    pub fn lora_deltas(&self) -> Result<HashMap<String, Delta>> {
         let v = self.lora_values()?;
         let s = self.lora_cfg.scale() as f32;
         let mut out = HashMap::new();
@@ -436,7 +439,7 @@ impl Phi3 {
         let be = &self.be;
         let n_targets = tpos.len();
         let (target_pos, targets) = if labels.is_some() && n_targets > 0 {
-            (Some(be.from_i32(&tpos)?), Some(be.from_i32(&tgt)?))
+            (Some(be.upload_i32(&tpos)?), Some(be.upload_i32(&tgt)?))
         } else {
             (None, None)
         };
@@ -454,7 +457,7 @@ impl Phi3 {
             },
         )?;
         Ok(Batch {
-            ids: be.from_i32(&ids)?,
+            ids: be.upload_i32(&ids)?,
             lay,
             target_pos,
             targets,
@@ -533,7 +536,7 @@ impl Phi3 {
             .map(|&(s, len)| (s + len - 1) as i32)
             .collect();
         let hd = self.cfg.hidden_size;
-        let rows = self.be.gather_rows(&x, &self.be.from_i32(&last)?, hd)?;
+        let rows = self.be.gather_rows(&x, &self.be.upload_i32(&last)?, hd)?;
         let (h, _) = self
             .be
             .rms_norm(&rows, &self.norm, self.cfg.rms_norm_eps as f32)?;
@@ -687,8 +690,8 @@ pub(crate) mod tests {
                     .map(|v| v + 1.0)
                     .collect()
             };
-            layer.input_norm = be.from_f32(&rnd(10 + l as u64), be.act()).unwrap();
-            layer.post_norm = be.from_f32(&rnd(20 + l as u64), be.act()).unwrap();
+            layer.input_norm = be.upload_f32(&rnd(10 + l as u64), be.act()).unwrap();
+            layer.post_norm = be.upload_f32(&rnd(20 + l as u64), be.act()).unwrap();
         }
         let mut v = m.lora_values().unwrap();
         for (i, (_, shape, off)) in m.lora_layout().into_iter().enumerate() {

@@ -442,7 +442,7 @@ impl Group {
         }
         let mut host = be.to_f32(b)?;
         self.host_sum(&mut host)?;
-        *b = be.from_f32(&host, b.dt())?;
+        *b = be.upload_f32(&host, b.dt())?;
         Ok(())
     }
 

@@ -150,8 +150,8 @@ impl AdamW {
                 dst[*off..*off + vals.len()].copy_from_slice(&vals);
             }
         }
-        self.exp_avg = be.from_f32(&m, Dt::F32)?;
-        self.exp_avg_sq = be.from_f32(&v, Dt::F32)?;
+        self.exp_avg = be.upload_f32(&m, Dt::F32)?;
+        self.exp_avg_sq = be.upload_f32(&v, Dt::F32)?;
         self.step = step;
         Ok(())
     }
@@ -218,14 +218,14 @@ mod tests {
             weight_decay: 0.01,
         };
         let mut opt = AdamW::new(hp, &be, 4).unwrap();
-        let mut p = be.from_f32(&[1.0, -2.0, 0.5, 0.0], Dt::F32).unwrap();
+        let mut p = be.upload_f32(&[1.0, -2.0, 0.5, 0.0], Dt::F32).unwrap();
         let mut want = [1.0f64, -2.0, 0.5, 0.0];
         let (mut m, mut v) = ([0f64; 4], [0f64; 4]);
         for (t, raw) in [[4.0f32, -2.0, 0.0, 8.0], [0.5, 0.5, -0.5, 0.1]]
             .iter()
             .enumerate()
         {
-            let g = be.from_f32(raw, Dt::F32).unwrap();
+            let g = be.upload_f32(raw, Dt::F32).unwrap();
             let mut stats = be.zeros(2, Dt::F64).unwrap();
             be.sum_into(&g, true, &mut stats, 1).unwrap();
             opt.update(&be, &mut p, &g, (&stats, 1), 0.1, 1.0, 0.5)
@@ -250,7 +250,7 @@ mod tests {
         }
         // a non-finite norm: nothing moves, status says so
         let g = be
-            .from_f32(&[f32::INFINITY, 0.0, 0.0, 0.0], Dt::F32)
+            .upload_f32(&[f32::INFINITY, 0.0, 0.0, 0.0], Dt::F32)
             .unwrap();
         let mut stats = be.zeros(2, Dt::F64).unwrap();
         be.sum_into(&g, true, &mut stats, 1).unwrap();

@@ -91,12 +91,12 @@ impl Backend for Cpu {
         Dt::F32
     }
 
-    fn from_f32(&self, v: &[f32], dt: Dt) -> Result<Buf> {
+    fn upload_f32(&self, v: &[f32], dt: Dt) -> Result<Buf> {
         f32_only(dt)?;
         Ok(Buf::host_f32(v.to_vec()))
     }
 
-    fn from_i32(&self, v: &[i32]) -> Result<Buf> {
+    fn upload_i32(&self, v: &[i32]) -> Result<Buf> {
         Ok(Buf::host_i32(v.to_vec()))
     }
 

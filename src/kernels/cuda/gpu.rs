@@ -227,7 +227,7 @@ impl Backend for Gpu {
         self.act
     }
 
-    fn from_f32(&self, v: &[f32], dt: Dt) -> Result<Buf> {
+    fn upload_f32(&self, v: &[f32], dt: Dt) -> Result<Buf> {
         let bytes: Vec<u8> = match dt {
             Dt::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             Dt::BF16 => v
@@ -240,7 +240,7 @@ impl Backend for Gpu {
                 .collect(),
             Dt::F64 => v.iter().flat_map(|&x| (x as f64).to_le_bytes()).collect(),
             Dt::I32 => {
-                return Err(Error::Compute("internal: from_f32 into i32".into()));
+                return Err(Error::Compute("internal: upload_f32 into i32".into()));
             }
         };
         let b = self.alloc(v.len(), dt)?;
@@ -248,7 +248,7 @@ impl Backend for Gpu {
         Ok(b)
     }
 
-    fn from_i32(&self, v: &[i32]) -> Result<Buf> {
+    fn upload_i32(&self, v: &[i32]) -> Result<Buf> {
         let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         let b = self.alloc(v.len(), Dt::I32)?;
         self.rt.upload(self.ptr(&b, 0)?, &bytes)?;
@@ -600,9 +600,9 @@ impl Backend for Gpu {
             window,
             heads,
             rope: Rope::Device {
-                pos: self.from_i32(rope.pos)?,
-                tab: self.from_i32(rope.tab)?,
-                inv_freq: self.from_f32(&flat, Dt::F32)?,
+                pos: self.upload_i32(rope.pos)?,
+                tab: self.upload_i32(rope.tab)?,
+                inv_freq: self.upload_f32(&flat, Dt::F32)?,
                 mscale: rope.mscale,
             },
         })

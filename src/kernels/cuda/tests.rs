@@ -55,8 +55,8 @@ fn rounded(v: &[f32], act: Dt) -> Vec<f32> {
 fn both(g: &Gpu, act: Dt, v: &[f32]) -> (Buf, Buf) {
     let r = rounded(v, act);
     (
-        Cpu.from_f32(&r, Dt::F32).unwrap(),
-        g.from_f32(&r, act).unwrap(),
+        Cpu.upload_f32(&r, Dt::F32).unwrap(),
+        g.upload_f32(&r, act).unwrap(),
     )
 }
 
@@ -123,8 +123,8 @@ fn products_follow_the_row_major_contract_through_the_cublas_mapping() {
             assert!(rel_err(&got, &w) < 1e-5, "{act:?} {at} {bt}");
             // accumulate into an f32 destination at an offset
             let base = rand(3 + m * n, 3);
-            let mut cd = Cpu.from_f32(&base, Dt::F32).unwrap();
-            let mut gd = g.from_f32(&base, Dt::F32).unwrap();
+            let mut cd = Cpu.upload_f32(&base, Dt::F32).unwrap();
+            let mut gd = g.upload_f32(&base, Dt::F32).unwrap();
             Cpu.matmul_acc(&mut cd, 3, ma(&ca), mb(&cb), 2.0).unwrap();
             g.matmul_acc(&mut gd, 3, ma(&ga), mb(&gb), 2.0).unwrap();
             let (w, got) = (Cpu.to_f32(&cd).unwrap(), g.to_f32(&gd).unwrap());
@@ -151,8 +151,8 @@ fn row_passes_match_the_cpu() {
         assert!(e < tol(act), "rms_norm {act:?}: {e}");
         assert!(rel_err(&g.to_f32(&gr).unwrap(), &Cpu.to_f32(&cr).unwrap()) < 1e-5);
         let dx0 = rounded(&dy, act);
-        let mut cdx = Cpu.from_f32(&dx0, Dt::F32).unwrap();
-        let mut gdx = g.from_f32(&dx0, act).unwrap();
+        let mut cdx = Cpu.upload_f32(&dx0, Dt::F32).unwrap();
+        let mut gdx = g.upload_f32(&dx0, act).unwrap();
         Cpu.rms_norm_bwd(&cx, &cw, &cr, &cdy, &mut cdx, true)
             .unwrap();
         g.rms_norm_bwd(&gx, &gw, &gr, &gdy, &mut gdx, true).unwrap();
@@ -289,7 +289,13 @@ fn rope_and_attention_forward_and_backward_match_the_cpu() {
             let want: Vec<f32> = rounded(&qkv, act)
                 .iter()
                 .enumerate()
-                .map(|(i, &v)| if i % heads.qkv_width() < rotated { v * 1.21 } else { v })
+                .map(|(i, &v)| {
+                    if i % heads.qkv_width() < rotated {
+                        v * 1.21
+                    } else {
+                        v
+                    }
+                })
                 .collect();
             let e = rel_err(&g.to_f32(&back).unwrap(), &want);
             assert!(e < 2.0 * tol(act), "rope backward {what}: {e}");
@@ -309,7 +315,7 @@ fn cross_entropy_sums_and_optimizer_match_the_cpu() {
         let g = gpu(act);
         let (ch, gh) = both(&g, act, &h);
         let (cw, gw) = both(&g, act, &w);
-        let (ct, gt) = (Cpu.from_i32(&t).unwrap(), g.from_i32(&t).unwrap());
+        let (ct, gt) = (Cpu.upload_i32(&t).unwrap(), g.upload_i32(&t).unwrap());
         let mut cl = Cpu.zeros(1, Dt::F64).unwrap();
         let mut gl = g.zeros(1, Dt::F64).unwrap();
         let cd = Cpu
@@ -332,11 +338,11 @@ fn cross_entropy_sums_and_optimizer_match_the_cpu() {
     let g = gpu(Dt::BF16);
     let n = 1000;
     let (p0, grads) = (rand(n, 30), rand(n, 31));
-    let mut cp = Cpu.from_f32(&p0, Dt::F32).unwrap();
-    let mut gp = g.from_f32(&p0, Dt::F32).unwrap();
+    let mut cp = Cpu.upload_f32(&p0, Dt::F32).unwrap();
+    let mut gp = g.upload_f32(&p0, Dt::F32).unwrap();
     let (cg, gg) = (
-        Cpu.from_f32(&grads, Dt::F32).unwrap(),
-        g.from_f32(&grads, Dt::F32).unwrap(),
+        Cpu.upload_f32(&grads, Dt::F32).unwrap(),
+        g.upload_f32(&grads, Dt::F32).unwrap(),
     );
     let (mut cm, mut cv) = (
         Cpu.zeros(n, Dt::F32).unwrap(),
@@ -415,7 +421,7 @@ mod model {
         let next = |be: Arc<dyn Backend>| -> Vec<u32> {
             let m = tiny(&dir, 0.0, be);
             let mut caches: Vec<_> = (0..2).map(|_| m.new_cache(4).unwrap()).collect();
-            let mut ids = vec![vec![5u32, 9, 11, 3, 7], vec![2u32, 8]];
+            let mut ids = [vec![5u32, 9, 11, 3, 7], vec![2u32, 8]];
             let mut out = vec![];
             let mut past = vec![0usize, 0];
             let mut step: Vec<u32> = ids.concat();

@@ -95,6 +95,37 @@ pub struct Phi3 {
     inv_freq: Vec<Vec<f32>>,
 }
 
+/// Bytes of activations one token keeps through a training forward for its backward: per
+/// layer the layer's input, the RoPE'd `qkv`, the attention output and its log-sum-exp,
+/// the residual after attention, the `gate_up` output and the rank-r LoRA intermediates;
+/// with `recompute` only the layer inputs (one layer's worth comes back at a time).
+pub fn activation_bytes_per_token(
+    cfg: &Phi3Config,
+    act: Dt,
+    lora: &LoraConfig,
+    recompute: bool,
+) -> usize {
+    let input = cfg.hidden_size * act.size();
+    let per_layer = if recompute {
+        input
+    } else {
+        input + layer_saved_bytes(cfg, act, lora)
+    };
+    cfg.num_hidden_layers * per_layer
+}
+
+/// One layer's saved activations per token, without its input.
+fn layer_saved_bytes(cfg: &Phi3Config, act: Dt, lora: &LoraConfig) -> usize {
+    let (q, kv, d) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
+    let qkv = (q + 2 * kv) * d;
+    let u = lora.target_modules.len() * lora.r;
+    (qkv + q * d + cfg.hidden_size + 2 * cfg.intermediate_size + u) * act.size() + q * 4
+}
+
 impl Phi3 {
     /// Loads the base weights from `folder` (config.json + safetensors) onto `be` and
     /// creates fresh adapters from `seed`.
@@ -343,6 +374,29 @@ impl Phi3 {
             );
         }
         Ok(out)
+    }
+
+    /// Bytes of activations one token keeps through a training forward for its backward
+    /// ([`activation_bytes_per_token`] for this model).
+    pub fn activation_bytes_per_token(&self, recompute: bool) -> usize {
+        activation_bytes_per_token(&self.cfg, self.be.act(), &self.lora_cfg, recompute)
+    }
+
+    /// Device bytes a training step of `tokens` tokens (the largest micro-batch) needs on
+    /// top of the weights, with or without `recompute`: kept activations, the transients
+    /// of one layer's backward (its recomputed activations, the gradients flowing through
+    /// it, the `gate_up` gradient), the cross-entropy chunk's logits, and the adapters'
+    /// f32 parameters, gradients and AdamW moments.
+    pub fn step_bytes(&self, tokens: usize, recompute: bool) -> usize {
+        let c = &self.cfg;
+        let e = self.be.act().size();
+        let kept = tokens * self.activation_bytes_per_token(recompute);
+        let one_layer = tokens * layer_saved_bytes(&self.cfg, self.be.act(), &self.lora_cfg);
+        let transient = tokens * (4 * c.hidden_size + 4 * c.intermediate_size) * e
+            + if recompute { one_layer } else { 0 };
+        let logits = tokens.min(8192) * c.vocab_size * e;
+        let adapters = self.n_lora * (4 * 4 + e);
+        kept + transient + logits + adapters
     }
 
     /// Builds a batch. `labels` (same length as `ids`, -100 = no loss) is needed for loss
@@ -715,6 +769,39 @@ pub(crate) mod tests {
             .map(|i| if i % 5 == 0 { -100 } else { ids[i] as i32 })
             .collect();
         m.batch(&ids, Some(&labels), &lengths).unwrap()
+    }
+
+    #[test]
+    fn activation_bytes_of_phi3_mini() {
+        let tmp = tempfile::tempdir().unwrap();
+        let over = json!({"num_hidden_layers": 1, "vocab_size": 10, "hidden_size": 8,
+                          "intermediate_size": 8, "num_attention_heads": 2, "num_key_value_heads": 2});
+        super::super::random::create_random_model(tmp.path(), &over, 0, None).unwrap();
+        let mut cfg = super::super::weights::read_config(tmp.path()).unwrap();
+        // Phi-3-mini-4k's dimensions, LoRA r 8 on the four modules, bf16
+        (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_hidden_layers,
+        ) = (3072, 8192, 32);
+        (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        ) = (32, 32, 96);
+        let lora = LoraConfig::default();
+        // per layer: input 3072 + qkv 9216 + attn 3072 + x1 3072 + gate_up 16384 + 4 × r 8
+        // values of 2 bytes, and 32 log-sum-exp floats
+        let per_layer = (3072 + 9216 + 3072 + 3072 + 16384 + 32) * 2 + 32 * 4;
+        assert_eq!(
+            activation_bytes_per_token(&cfg, Dt::BF16, &lora, false),
+            32 * per_layer
+        );
+        assert_eq!(per_layer * 32, 2_234_368); // ≈ 2.1 MiB per token: 9.1 GB for 4096 tokens
+        assert_eq!(
+            activation_bytes_per_token(&cfg, Dt::BF16, &lora, true),
+            32 * 3072 * 2
+        );
     }
 
     #[test]

@@ -207,6 +207,52 @@ impl Drop for Scratch {
     }
 }
 
+/// Whether to recompute activations: as asked, or turned on when the device's free memory
+/// (after the weights) cannot hold a step's activations kept (said in the log); a plan that
+/// does not fit even then is reported with what to lower.
+fn memory_plan(
+    cfg: &TrainConfig,
+    model: &Phi3,
+    train: &TokenizedRows,
+    root: bool,
+    ctx: &Ctx,
+) -> Result<bool> {
+    let Some((free, _)) = model.backend().memory()? else {
+        return Ok(cfg.gradient_checkpointing);
+    };
+    // The largest micro-batch: the batch size times the longest row.
+    let longest = train
+        .row_offsets
+        .windows(2)
+        .map(|w| (w[1] - w[0]) as usize)
+        .max()
+        .unwrap_or(0);
+    let tokens = longest * cfg.per_device_train_batch_size;
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    let keep = model.step_bytes(tokens, false);
+    if !cfg.gradient_checkpointing && keep > free {
+        let again = model.step_bytes(tokens, true);
+        if root {
+            ctx.message(&format!(
+                "memory: a step of {tokens} tokens needs ~{:.1} GiB of activations kept, {:.1} GiB are free on {}; turning on gradient_checkpointing (~{:.1} GiB)",
+                gib(keep),
+                gib(free),
+                model.device_name(),
+                gib(again)
+            ));
+        }
+        if again > free && root {
+            ctx.message(&format!(
+                "memory: even with gradient_checkpointing a step needs ~{:.1} GiB ({:.1} GiB free); lower per_device_train_batch_size or max_seq_length if it runs out of memory",
+                gib(again),
+                gib(free)
+            ));
+        }
+        return Ok(true);
+    }
+    Ok(cfg.gradient_checkpointing)
+}
+
 /// Runs a whole fine-tuning job.
 pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
     cfg.validate()?;
@@ -353,7 +399,7 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         ));
     }
 
-    let recompute = cfg.gradient_checkpointing;
+    let recompute = memory_plan(cfg, &model, &train, root, ctx)?;
     let task = ctx.task("train", Some(plan.total_steps as u64), "steps");
     task.advance(state.global_step as u64);
     let started = Instant::now();

@@ -27,15 +27,22 @@ pub struct Emu {
     /// Live allocations: start → bytes.
     allocs: Mutex<BTreeMap<u64, usize>>,
     capability: (u32, u32),
+    /// Its memory: `FERROTUNE_EMU_MEMORY` bytes (default 64 GiB), so tests can run out of it.
+    total: usize,
 }
 
 impl Emu {
     /// An emulated GPU reporting compute capability `capability` (which only picks the
     /// precision: (7, 0) behaves like a V100, fp16 by default).
     pub fn new(capability: (u32, u32)) -> Self {
+        let total = std::env::var("FERROTUNE_EMU_MEMORY")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(64usize << 30);
         Self {
             allocs: Mutex::new(BTreeMap::new()),
             capability,
+            total,
         }
     }
 
@@ -103,6 +110,10 @@ impl Runtime for Emu {
     }
 
     fn alloc(&self, bytes: usize) -> Result<u64> {
+        let (free, _) = self.memory()?;
+        if bytes > free {
+            return Err(super::out_of_memory(bytes, Some(free)));
+        }
         // SAFETY: a non-zero size with a valid alignment.
         let p = unsafe { std::alloc::alloc_zeroed(layout(bytes)) };
         if p.is_null() {
@@ -236,7 +247,6 @@ impl Runtime for Emu {
 
     fn memory(&self) -> Result<(usize, usize)> {
         let used: usize = self.allocs.lock().expect("emu allocations").values().sum();
-        let total = 64usize << 30;
-        Ok((total.saturating_sub(used), total))
+        Ok((self.total.saturating_sub(used), self.total))
     }
 }

@@ -152,6 +152,36 @@ fn rows_for_split_pc(split_pc: String, n: u64) -> PyResult<u64> {
         .map_err(|e| Python::with_gil(|py| errors::to_pyerr(py, e)))
 }
 
+/// Every GPU primitive against its CPU twin on `device` ("cuda", "cuda:N", or "emu" in test
+/// builds) at `precision`: a JSON list of checks (name, dtype, shapes, error, tolerance,
+/// passed, failure). `full` adds Phi-3's sizes; `only` keeps the checks whose name contains
+/// it. For `pytest -m gpu` and `scripts/gpu_check.sh`.
+#[pyfunction]
+#[pyo3(signature = (device, precision="auto".to_string(), full=false, only=None))]
+fn _gpu_selfcheck(
+    py: Python<'_>,
+    device: String,
+    precision: String,
+    full: bool,
+    only: Option<String>,
+) -> PyResult<String> {
+    let run = move || -> crate::error::Result<String> {
+        let be = crate::model::backend(&device, &precision)?;
+        if be.name() == "cpu" {
+            return Err(crate::error::Error::GpuUnavailable(format!(
+                "device {device:?} is the CPU: the self-check compares a GPU with the CPU"
+            )));
+        }
+        let checks = crate::kernels::cuda::selfcheck::run(
+            be.as_ref(),
+            crate::kernels::cuda::selfcheck::Sizes { full },
+            only.as_deref(),
+        );
+        Ok(serde_json::to_string(&checks).expect("checks serialise"))
+    };
+    py.allow_threads(run).map_err(|e| errors::to_pyerr(py, e))
+}
+
 /// Whether this build has the emulated GPU of the test builds (`device="emu"`).
 #[pyfunction]
 fn gpu_emulator() -> bool {
@@ -211,6 +241,7 @@ fn ferrotune_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rows_for_split_pc, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(gpu_emulator, m)?)?;
+    m.add_function(wrap_pyfunction!(_gpu_selfcheck, m)?)?;
     m.add_function(wrap_pyfunction!(_json_string, m)?)?;
     m.add_function(wrap_pyfunction!(_group_sum_timings, m)?)?;
     m.add_class::<chat::PyChatTokenizer>()?;

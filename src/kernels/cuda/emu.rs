@@ -39,6 +39,11 @@ impl Emu {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(64usize << 30);
+        Self::with_memory(capability, total)
+    }
+
+    /// An emulated GPU with `total` bytes of memory.
+    pub fn with_memory(capability: (u32, u32), total: usize) -> Self {
         Self {
             allocs: Mutex::new(BTreeMap::new()),
             capability,

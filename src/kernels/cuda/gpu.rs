@@ -80,6 +80,12 @@ impl Gpu {
         }
     }
 
+    /// The same backend with attention through the plain (SIMT) kernels.
+    pub fn with_simt_attention(mut self) -> Self {
+        self.attn_simt = true;
+        self
+    }
+
     pub fn runtime(&self) -> &Arc<dyn Runtime> {
         &self.rt
     }

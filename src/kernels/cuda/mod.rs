@@ -4,6 +4,7 @@
 mod gpu;
 pub mod params;
 mod runtime;
+pub mod selfcheck;
 
 pub use gpu::Gpu;
 pub use runtime::{out_of_memory, DevMem, Gemm, Launch, Runtime};

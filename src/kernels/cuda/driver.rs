@@ -10,11 +10,10 @@ use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::sync::{Arc, Mutex};
 
-use cudarc::cublas::result as blas;
-use cudarc::cublas::sys as blas_sys;
 use cudarc::driver::result as cu;
 use cudarc::driver::sys as cu_sys;
 
+use super::libs::{self, Blas, Nccl};
 use super::runtime::{out_of_memory, Gemm, Launch, Runtime};
 use crate::error::{Error, Result};
 use crate::kernels::{Backend, Dt};
@@ -44,8 +43,8 @@ fn driver_err(what: &str, e: cu::DriverError) -> Error {
 struct Handles {
     ctx: cu_sys::CUcontext,
     stream: cu_sys::CUstream,
-    blas: blas_sys::cublasHandle_t,
-    comm: Mutex<Option<cudarc::nccl::sys::ncclComm_t>>,
+    blas: libs::Handle,
+    comm: Mutex<Option<(Nccl, libs::Comm)>>,
 }
 
 // SAFETY: CUDA driver, cuBLAS and NCCL handles may be used from any thread once the
@@ -57,6 +56,7 @@ unsafe impl Sync for Handles {}
 /// One GPU.
 pub struct Cuda {
     h: Handles,
+    cublas: Blas,
     ordinal: usize,
     name: String,
     capability: (u32, u32),
@@ -124,12 +124,7 @@ impl Cuda {
                 "{gpu} (cuda:{ordinal}) has compute capability {major}.{minor}; ferrotune needs 7.0 or newer (V100, T4, A10, A100, L4, H100, ...)"
             )));
         }
-        // SAFETY: probes the library.
-        if !unsafe { blas_sys::is_culib_present() } {
-            return Err(unavailable(
-                "cuBLAS (libcublas.so.12) cannot be loaded: pip install nvidia-cublas-cu12 (the CUDA wheel of ferrotune declares it; reinstall it with its dependencies)".into(),
-            ));
-        }
+        let cublas = Blas::load()?;
         // SAFETY: the device exists; the primary context lives as long as the process.
         let ctx = unsafe { cu::primary_ctx::retain(dev) }
             .map_err(|e| driver_err("cuDevicePrimaryCtxRetain", e))?;
@@ -137,11 +132,19 @@ impl Cuda {
         unsafe { cu::ctx::set_current(ctx) }.map_err(|e| driver_err("cuCtxSetCurrent", e))?;
         let stream = cu::stream::create(cu::stream::StreamKind::NonBlocking)
             .map_err(|e| driver_err("cuStreamCreate", e))?;
-        let handle = blas::create_handle()
-            .map_err(|e| unavailable(format!("cuBLAS did not start: {e:?}")))?;
+        let mut handle: libs::Handle = std::ptr::null_mut();
+        // SAFETY: cuBLAS writes the handle; the context is current.
+        let status = unsafe { (cublas.create)(&mut handle) };
+        if status != 0 {
+            return Err(unavailable(format!(
+                "cuBLAS did not start (status {status})"
+            )));
+        }
         // SAFETY: a valid handle and stream.
-        unsafe { blas::set_stream(handle, stream as _) }
-            .map_err(|e| Error::Compute(format!("cublasSetStream: {e:?}")))?;
+        let status = unsafe { (cublas.set_stream)(handle, stream.cast()) };
+        if status != 0 {
+            return Err(Error::Compute(format!("cublasSetStream: status {status}")));
+        }
         keep_pool_memory(dev);
         let mut functions = HashMap::new();
         for (stem, names, cubins, ptx) in MODULES {
@@ -168,6 +171,7 @@ impl Cuda {
                 blas: handle,
                 comm: Mutex::new(None),
             },
+            cublas,
             ordinal,
             name: gpu,
             capability: (major as u32, minor as u32),
@@ -225,11 +229,11 @@ fn pick_image(cubins: &[(u32, &[u8])], ptx: &[u8], (major, minor): (u32, u32)) -
     }
 }
 
-fn cuda_type(dt: Dt) -> Result<blas_sys::cudaDataType> {
+fn cuda_type(dt: Dt) -> Result<i32> {
     Ok(match dt {
-        Dt::F32 => blas_sys::cudaDataType::CUDA_R_32F,
-        Dt::F16 => blas_sys::cudaDataType::CUDA_R_16F,
-        Dt::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
+        Dt::F32 => libs::R_32F,
+        Dt::F16 => libs::R_16F,
+        Dt::BF16 => libs::R_16BF,
         other => return Err(Error::Compute(format!("internal: no GEMM on {other:?}"))),
     })
 }
@@ -324,23 +328,17 @@ impl Runtime for Cuda {
     fn gemm(&self, g: &Gemm) -> Result<()> {
         self.bind()?;
         let _guard = self.blas_lock.lock().expect("cublas lock");
-        let op = |t: bool| {
-            if t {
-                blas_sys::cublasOperation_t::CUBLAS_OP_T
-            } else {
-                blas_sys::cublasOperation_t::CUBLAS_OP_N
-            }
-        };
+        let op = |t: bool| if t { libs::OP_T } else { libs::OP_N };
         let compute = if g.ab == Dt::F32 && g.tf32 {
-            blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+            libs::COMPUTE_32F_FAST_TF32
         } else {
-            blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+            libs::COMPUTE_32F
         };
         let (alpha, beta) = (g.alpha, g.beta);
         // SAFETY: device pointers of live buffers with the extents the backend checked;
         // alpha and beta are host f32 (the handle's default pointer mode).
-        unsafe {
-            blas::gemm_ex(
+        let status = unsafe {
+            (self.cublas.gemm_ex)(
                 self.h.blas,
                 op(g.trans_a),
                 op(g.trans_b),
@@ -359,10 +357,16 @@ impl Runtime for Cuda {
                 cuda_type(g.c_dt)?,
                 g.ldc as i32,
                 compute,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                libs::GEMM_DEFAULT,
             )
+        };
+        if status != 0 {
+            return Err(Error::Compute(format!(
+                "cuBLAS GEMM {}x{}x{} failed (status {status})",
+                g.m, g.n, g.k
+            )));
         }
-        .map_err(|e| Error::Compute(format!("cuBLAS GEMM {}x{}x{}: {e:?}", g.m, g.n, g.k)))
+        Ok(())
     }
 
     fn sync(&self) -> Result<()> {
@@ -382,56 +386,59 @@ impl Cuda {
     /// A fresh NCCL unique id, or `None` when NCCL cannot be loaded (then data-parallel
     /// gradients go through the host).
     pub fn nccl_id(&self) -> Result<Option<Vec<u8>>> {
-        // SAFETY: probes the library.
-        if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+        let Ok(nccl) = Nccl::load() else {
             return Ok(None);
+        };
+        let mut id = libs::NcclId { internal: [0; 128] };
+        // SAFETY: NCCL writes the 128-byte id.
+        let status = unsafe { (nccl.get_id)(&mut id) };
+        if status != 0 {
+            return Err(Error::Compute(format!("ncclGetUniqueId: status {status}")));
         }
-        let id = cudarc::nccl::result::get_uniqueid()
-            .map_err(|e| Error::Compute(format!("NCCL: {e:?}")))?;
         Ok(Some(id.internal.iter().map(|&c| c as u8).collect()))
     }
 
     pub fn nccl_join(&self, id: &[u8], rank: usize, size: usize) -> Result<()> {
         self.bind()?;
-        // SAFETY: probes the library.
-        if !unsafe { cudarc::nccl::sys::is_culib_present() } {
-            return Err(unavailable(
-                "NCCL (libnccl.so.2) cannot be loaded on this rank while rank 0 has it: pip install nvidia-nccl-cu12".into(),
-            ));
-        }
-        let mut raw = cudarc::nccl::sys::ncclUniqueId { internal: [0; 128] };
+        let nccl = Nccl::load()?;
+        let mut raw = libs::NcclId { internal: [0; 128] };
         for (r, b) in raw.internal.iter_mut().zip(id) {
             *r = *b as _;
         }
-        let mut comm = std::mem::MaybeUninit::uninit();
+        let mut comm: libs::Comm = std::ptr::null_mut();
         // SAFETY: NCCL writes the communicator; every rank calls this with the same id.
-        unsafe {
-            cudarc::nccl::result::comm_init_rank(comm.as_mut_ptr(), size as i32, raw, rank as i32)
+        let status = unsafe { (nccl.init_rank)(&mut comm, size as i32, raw, rank as i32) };
+        if status != 0 {
+            return Err(Error::Compute(format!(
+                "NCCL could not set up the group (ncclCommInitRank status {status})"
+            )));
         }
-        .map_err(|e| Error::Compute(format!("NCCL could not set up the group: {e:?}")))?;
-        // SAFETY: initialised by the call above.
-        *self.h.comm.lock().expect("nccl comm") = Some(unsafe { comm.assume_init() });
+        *self.h.comm.lock().expect("nccl comm") = Some((nccl, comm));
         Ok(())
     }
 
     /// Sums `n` f32 at `ptr` over the NCCL group, in place.
     pub fn nccl_sum(&self, ptr: u64, n: usize) -> Result<()> {
         self.bind()?;
-        let comm = self.h.comm.lock().expect("nccl comm");
-        let comm = comm.ok_or_else(|| Error::Compute("internal: no NCCL group".into()))?;
+        let guard = self.h.comm.lock().expect("nccl comm");
+        let (nccl, comm) = guard
+            .as_ref()
+            .ok_or_else(|| Error::Compute("internal: no NCCL group".into()))?;
         // SAFETY: a live device buffer of n floats on our stream.
-        unsafe {
-            cudarc::nccl::result::all_reduce(
+        let status = unsafe {
+            (nccl.all_reduce)(
                 ptr as *const c_void,
                 ptr as *mut c_void,
                 n,
-                cudarc::nccl::sys::ncclDataType_t::ncclFloat32,
-                cudarc::nccl::sys::ncclRedOp_t::ncclSum,
-                comm,
-                self.h.stream as _,
+                libs::NCCL_FLOAT32,
+                libs::NCCL_SUM,
+                *comm,
+                self.h.stream.cast(),
             )
+        };
+        if status != 0 {
+            return Err(Error::Compute(format!("NCCL all-reduce: status {status}")));
         }
-        .map_err(|e| Error::Compute(format!("NCCL all-reduce: {e:?}")))?;
         Ok(())
     }
 }

@@ -18,6 +18,8 @@ use crate::kernels::{Backend, Dt};
 mod driver;
 #[cfg(feature = "gpu-emu")]
 pub mod emu;
+#[cfg(feature = "cuda")]
+mod libs;
 #[cfg(all(test, feature = "gpu-emu"))]
 mod tests;
 

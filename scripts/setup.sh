@@ -7,7 +7,9 @@
 #                                    all that `.venv/bin/ferrotune demo` needs (~130 MB)
 #   bash scripts/setup.sh --test     the same plus the test extra (pytest, transformers,
 #                                    torch, trl, peft, ...: several GB) for
-#                                    `.venv/bin/python -m pytest`
+#                                    `.venv/bin/python -m pytest`, built with the
+#                                    emulated GPU (cargo feature gpu-emu) so the tests also
+#                                    run the GPU code path without a GPU
 #   bash scripts/setup.sh --dry-run  print the commands instead of running them
 #
 # Running it again reuses .venv (and cargo's build cache); --test adds the test extra to
@@ -50,7 +52,7 @@ run .venv/bin/python -m pip install -q --disable-pip-version-check "maturin>=1.5
 # maturin installs the package's dependencies (and the extra, if any), then builds the
 # native module into the virtualenv (editable: python/ is used in place).
 build=(.venv/bin/maturin develop --release -q)
-if [ -n "$extras" ]; then build+=(--extras "$extras"); fi
+if [ -n "$extras" ]; then build+=(--extras "$extras" --features gpu-emu); fi
 run env VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH" "${build[@]}"
 if [ -n "$extras" ]; then
   next=".venv/bin/python -m pytest"

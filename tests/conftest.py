@@ -13,6 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# GPU runs compare float32 results with references: full f32 products, not TF32.
+os.environ.setdefault("FERROTUNE_TF32", "0")
 
 from tests.support import fakehub, synth  # noqa: E402
 

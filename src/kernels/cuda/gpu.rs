@@ -36,6 +36,9 @@ pub struct Gpu {
     /// Attention through the plain (SIMT) kernels instead of the tensor-core ones
     /// (`FERROTUNE_ATTENTION=simt`; also what f32 activations use).
     attn_simt: bool,
+    /// f32 products on TF32 tensor cores (precision "32"); `FERROTUNE_TF32=0` keeps them in
+    /// full f32 (for exact comparisons).
+    tf32: bool,
     /// The real GPU behind `rt`, for NCCL.
     #[cfg(feature = "cuda")]
     cuda: Option<Arc<super::driver::Cuda>>,
@@ -59,6 +62,7 @@ impl Gpu {
             act,
             name,
             attn_simt: simt_env || act == Dt::F32,
+            tf32: std::env::var("FERROTUNE_TF32").map_or(true, |v| v != "0"),
             #[cfg(feature = "cuda")]
             cuda: None,
         }
@@ -159,7 +163,7 @@ impl Gpu {
             ldc: n,
             ab: a.buf.dt(),
             c_dt: c.dt(),
-            tf32: a.buf.dt() == Dt::F32,
+            tf32: self.tf32 && a.buf.dt() == Dt::F32,
         })
     }
 

@@ -84,6 +84,7 @@ DEFAULTS: dict = {
     "save_strategy": "epoch",
     "save_total_limit": -1,
     "resume_from_checkpoint": None,
+    "checkpoint_dir": None,
     "device": "auto",
     "gradient_checkpointing": False,
     "shuffle": True,
@@ -417,7 +418,15 @@ _PARAMS: dict[str, _Param] = {
     "save_strategy": _choice_param(("no", "steps", "epoch"), "when to save checkpoints: no, steps, epoch"),
     "save_steps": _int_param(1, "save a checkpoint every this many steps (save_strategy steps)"),
     "save_total_limit": _int_param(1, "checkpoints to keep (the best one is kept too)", minus_one="keep all"),
-    "resume_from_checkpoint": _Param("path", _parse_resume, "a checkpoint folder, or true for the latest in output_dir"),
+    "resume_from_checkpoint": _Param(
+        "path", _parse_resume, "a checkpoint folder, or true for the latest in checkpoint_dir (default output_dir)"
+    ),
+    "checkpoint_dir": _Param(
+        "path",
+        _parse_optional_path,
+        "folder for checkpoint-N/ (written, rotated, resumed from); default output_dir. "
+        "On Azure ML: an rw_mount output, so a resubmitted job resumes",
+    ),
     "device": _Param("str", _parse_device, "auto, cpu or cuda"),
     "gradient_checkpointing": _bool_param("recompute activations in the backward pass (less memory)"),
     "shuffle": _bool_param("shuffle the rows every epoch"),
@@ -869,8 +878,8 @@ def finetune(
     The training file (conversations as JSONL/Parquet with a ``messages`` column, or a
     file from :func:`tokenize_dataset`) is tokenized into ``output_dir/tokenized/``;
     without a ``validation_file`` the last ``validation_split`` (20 %) of the conversations
-    is held out, as the pipeline does. ``output_dir`` gets ``checkpoint-{step}/``,
-    ``adapter/`` (PEFT), ``merged/`` (when ``merge_lora_weights``) and
+    is held out, as the pipeline does. ``output_dir`` gets ``checkpoint-{step}/`` (in
+    ``checkpoint_dir`` when given), ``adapter/`` (PEFT), ``merged/`` (when ``merge_lora_weights``) and
     ``train_summary.json``.
 
     Args:

@@ -1,7 +1,7 @@
 //! The training configuration: the Azure ML fine-tuning pipeline's parameter names (the
 //! Python layer maps the notebook's `finetune_parameters` onto this) and their checks.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -17,7 +17,7 @@ pub enum Strategy {
     Epoch,
 }
 
-/// `resume_from_checkpoint`: a folder, or `true` for the newest in `output_dir`.
+/// `resume_from_checkpoint`: a folder, or `true` for the newest in the checkpoint folder.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(untagged)]
 pub enum Resume {
@@ -96,6 +96,10 @@ pub struct TrainConfig {
     #[serde(default)]
     pub validation_file: Option<PathBuf>,
     pub output_dir: PathBuf,
+    /// Where `checkpoint-{step}/` folders are written and rotated, and where
+    /// `resume_from_checkpoint: true` looks; `None`: `output_dir`.
+    #[serde(default)]
+    pub checkpoint_dir: Option<PathBuf>,
     #[serde(default = "d_epochs")]
     pub num_train_epochs: f64,
     #[serde(default = "d_neg1")]
@@ -268,6 +272,11 @@ impl TrainConfig {
             w.validate()?;
         }
         self.lora().validate()
+    }
+
+    /// The folder of the `checkpoint-{step}/` folders: `checkpoint_dir`, or `output_dir`.
+    pub fn checkpoints(&self) -> &Path {
+        self.checkpoint_dir.as_deref().unwrap_or(&self.output_dir)
     }
 
     pub fn lora(&self) -> LoraConfig {

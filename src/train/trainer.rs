@@ -312,12 +312,12 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
     };
     let resumed_from = match &cfg.resume_from_checkpoint {
         None | Some(Resume::Latest(false)) => None,
-        Some(Resume::Latest(true)) => match checkpoint::list(&cfg.output_dir).pop() {
+        Some(Resume::Latest(true)) => match checkpoint::list(cfg.checkpoints()).pop() {
             Some((_, dir)) => Some(dir),
             None => {
                 ctx.message(&format!(
                     "no checkpoint in {} yet: starting from step 0",
-                    cfg.output_dir.display()
+                    cfg.checkpoints().display()
                 ));
                 None
             }
@@ -326,7 +326,7 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
     };
     if let Some(g) = group.as_mut() {
         // Every rank must resume from the same step (a checkpoint rank 0 wrote into a
-        // shared output_dir); a rank that sees another folder would train something else.
+        // shared checkpoint folder); a rank that sees another folder would train something else.
         let step = match &resumed_from {
             Some(dir) => checkpoint::read_state(dir)?.global_step as f64,
             None => -1.0,
@@ -336,7 +336,7 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         let n = world as f64;
         if (both[0] / n - step).abs() > 1e-9 || (both[1] / n - step * step).abs() > 1e-6 {
             return Err(Error::Training(format!(
-                "data-parallel: the ranks would resume from different checkpoints (rank {rank}: {}). Every process needs the same output_dir (a shared folder)",
+                "data-parallel: the ranks would resume from different checkpoints (rank {rank}: {}). Every process needs the same checkpoint_dir (a shared folder; default output_dir)",
                 resumed_from
                     .as_ref()
                     .map_or("none".to_string(), |d| d.display().to_string())
@@ -347,7 +347,7 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         let saved = checkpoint::read_state(dir)?;
         if saved.plan != state.plan {
             return Err(Error::Training(format!(
-                "{}: the checkpoint belongs to a different plan ({}) than this run ({}); use the same data and batch settings, or a new output_dir",
+                "{}: the checkpoint belongs to a different plan ({}) than this run ({}); use the same data and batch settings, or a new checkpoint_dir / output_dir",
                 dir.display(),
                 saved.plan,
                 state.plan
@@ -377,7 +377,7 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
     let mut order_epoch = usize::MAX;
     let mut order = Vec::new();
     let save = |state: &TrainerState, model: &Phi3, opt: &AdamW| -> Result<PathBuf> {
-        let dest = checkpoint::checkpoint_dir(&cfg.output_dir, state.global_step);
+        let dest = checkpoint::checkpoint_dir(cfg.checkpoints(), state.global_step);
         let pending = model::export::PendingDir::new(&dest)?;
         model.write_adapter_into(&pending.tmp, &cfg.model)?;
         model::export::write_safetensors(
@@ -387,7 +387,7 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         let p = pending.tmp.join(checkpoint::STATE);
         std::fs::write(&p, serde_json::to_string_pretty(state).expect("json")).at(&p)?;
         let dir = pending.commit()?;
-        checkpoint::rotate(&cfg.output_dir, cfg.save_total_limit, state.best_step)?;
+        checkpoint::rotate(cfg.checkpoints(), cfg.save_total_limit, state.best_step)?;
         Ok(dir)
     };
     let eval_now =
@@ -576,7 +576,7 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         eval: state.eval_history.clone(),
         best_checkpoint: state
             .best_step
-            .map(|s| checkpoint::checkpoint_dir(&cfg.output_dir, s))
+            .map(|s| checkpoint::checkpoint_dir(cfg.checkpoints(), s))
             .filter(|p| p.is_dir()),
         best_eval_loss: state.best_eval_loss,
         train_tokens: state.train_tokens,

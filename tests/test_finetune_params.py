@@ -99,7 +99,7 @@ NATIVE_KEYS = {
     "target_modules", "use_rslora", "merge_lora_weights", "precision", "seed", "logging_steps",
     "evaluation_strategy", "eval_steps", "save_strategy", "save_total_limit", "resume_from_checkpoint",
     "device", "gradient_checkpointing", "shuffle", "validation_split", "adapter_init", "packing", "token",
-    "checkpoint_dir",
+    "checkpoint_dir", "save_interval_minutes",
 }
 
 
@@ -473,6 +473,17 @@ def test_none_means_not_set():
 )
 def test_resume_from_checkpoint(value, expected):
     assert cfg(resume_from_checkpoint=value)[0]["resume_from_checkpoint"] == expected
+
+
+def test_save_interval_minutes_defaults_to_30_and_takes_minutes():
+    assert cfg()[0]["save_interval_minutes"] == 30.0
+    assert cfg(save_interval_minutes="7.5")[0]["save_interval_minutes"] == 7.5
+    assert cfg(save_interval_minutes=0)[0]["save_interval_minutes"] == 0.0  # off
+    for bad in (-1, "soon", float("inf")):
+        with pytest.raises(InvalidArgumentError, match="save_interval_minutes="):
+            cfg(save_interval_minutes=bad)
+    config, _ = config_from_args(BASE_ARGS + ["--save-interval-minutes", "10"])
+    assert config["save_interval_minutes"] == 10.0
 
 
 def test_checkpoint_dir_defaults_to_none_and_takes_a_path():

@@ -11,9 +11,14 @@ bit for bit with uninterrupted runs.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
+import threading
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -154,3 +159,180 @@ def test_without_checkpoint_dir_checkpoints_stay_in_output_dir(tmp_path, model_d
     run_finetune(model_dir, train_file, out, **dict(BASE, max_steps=2, save_strategy="steps", save_steps=1))
     assert checkpoint_steps(out) == [1, 2]
     assert json.loads((out / "train_summary.json").read_text())["global_step"] == 2
+
+
+# ---------------------------------------------------------------------------------------
+# SIGTERM: Azure ML's notice before preemption or cancel
+# ---------------------------------------------------------------------------------------
+
+#: long enough that SIGTERM lands mid-run; constant schedule: the interrupted run and the
+#: reference agree whatever step the signal lands at
+SIGTERM_RUN = dict(BASE, max_steps=300, lr_scheduler_type="constant", warmup_steps=0, gradient_accumulation_steps=4,
+                   save_strategy="no")
+
+
+def read_until(proc, pattern: str, seen: list, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        if re.search(pattern, line):
+            return
+        assert time.monotonic() < deadline, f"no {pattern!r} within {timeout} s:\n" + "".join(seen[-20:])
+    pytest.fail(f"the command ended before {pattern!r}:\n" + "".join(seen[-40:]))
+
+
+@pytest.fixture(scope="module")
+def sigterm_reference(work, model_dir, train_file):
+    """The same training without interruption."""
+    return run_finetune(model_dir, train_file, work / "sigterm-reference", **SIGTERM_RUN)
+
+
+def test_sigterm_stops_the_cli_with_a_checkpoint_and_exit_143_and_the_resume_is_bit_exact(
+    tmp_path, model_dir, train_file, sigterm_reference
+):
+    ck, out = tmp_path / "mounted-checkpoints", tmp_path / "out"
+    params_file = tmp_path / "params.json"
+    params_file.write_text(json.dumps(dict(SIGTERM_RUN, checkpoint_dir=str(ck))), encoding="utf-8")
+    proc = subprocess.Popen(cli_command(model_dir, train_file, out, params_file), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen: list = []
+    try:
+        read_until(proc, r"\bstep 3/300\b", seen)
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    output = "".join(seen) + rest
+    assert proc.returncode == 143, output[-3000:]
+    assert "Traceback" not in output and "panicked" not in output, output[-3000:]
+    steps = checkpoint_steps(ck)
+    assert len(steps) == 1 and 3 <= steps[0] < 300, (steps, output[-2000:])
+    n = steps[0]
+    last = output.strip().splitlines()[-1]
+    assert last == (f"[ferrotune] stopped by SIGTERM: checkpoint {ck / f'checkpoint-{n}'} (step {n}); to continue, run "
+                    "the same training with resume_from_checkpoint=True (ferrotune finetune ... --resume) and the same "
+                    "checkpoint_dir"), last
+    # nothing half-written, nothing final: a checkpoint in checkpoint_dir and no other
+    assert checkpoint_steps(out) == [] and not (out / "train_summary.json").exists() and not (out / "adapter").exists()
+    assert not [p.name for p in ck.iterdir() if p.name.startswith(".")]
+    state = json.loads((ck / f"checkpoint-{n}" / "trainer_state.json").read_text(encoding="utf-8"))
+    assert state["global_step"] == n and state["step_losses"] == sigterm_reference.step_losses[:n]
+
+    # the resubmitted job: the same command with --resume_from_checkpoint true, to the end
+    r = subprocess.run(cli_command(model_dir, train_file, out, params_file, progress="lines")
+                       + ["--resume_from_checkpoint", "true"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming from {ck / f'checkpoint-{n}'} (step {n})" in r.stderr
+    summary = json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
+    assert summary["global_step"] == 300 and summary["resumed_from"] == str(ck / f"checkpoint-{n}")
+    assert summary["step_losses"] == sigterm_reference.step_losses
+    assert_same_adapter(out / "adapter", sigterm_reference.adapter_dir)
+
+
+def test_sigterm_in_the_python_api_raises_training_interrupted_and_restores_the_handler(
+    tmp_path, model_dir, train_file, sigterm_reference
+):
+    ck = tmp_path / "ck"
+    calls: list = []
+
+    def before(signum, frame):  # the program's own handler, to be restored afterwards
+        calls.append(signum)
+
+    handlers_during: list = []
+
+    def on_metrics(m: dict) -> None:
+        handlers_during.append(signal.getsignal(signal.SIGTERM))
+        if m.get("step") == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # what the launcher does
+
+    previous = signal.signal(signal.SIGTERM, before)
+    try:
+        with pytest.raises(ferrotune.TrainingInterrupted) as info:
+            ferrotune.finetune(str(model_dir), str(train_file), output_dir=str(tmp_path / "out"), progress=False,
+                               report_to="none", callbacks=[on_metrics], checkpoint_dir=str(ck), **SIGTERM_RUN)
+        assert signal.getsignal(signal.SIGTERM) is before  # restored
+        assert handlers_during and all(h is not before for h in handlers_during)  # ferrotune's while training
+        assert calls == []  # the program's handler did not see the SIGTERM meant for training
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    e = info.value
+    assert not isinstance(e, Exception) and isinstance(e, SystemExit) and e.code == 143
+    assert e.step is not None and 3 <= e.step < 300
+    assert e.checkpoint == str(ck / f"checkpoint-{e.step}") and checkpoint_steps(ck) == [e.step]
+    assert str(e).startswith(f"stopped by SIGTERM: checkpoint {e.checkpoint} (step {e.step})")
+    assert not (tmp_path / "out" / "adapter").exists()
+
+    # resume from it, in this process: the uninterrupted run's losses and adapter, exactly
+    resumed = run_finetune(model_dir, train_file, tmp_path / "out", checkpoint_dir=str(ck), resume_from_checkpoint=True,
+                           **SIGTERM_RUN)
+    assert resumed.resumed_from == e.checkpoint and resumed.step_losses == sigterm_reference.step_losses
+    assert_same_adapter(resumed.adapter_dir, sigterm_reference.adapter_dir)
+    # (save_strategy "no" writes no checkpoint that would replace the SIGTERM one)
+    assert checkpoint_steps(ck) == [e.step]
+
+
+def test_finetune_outside_the_main_thread_leaves_sigterm_alone(tmp_path, model_dir, train_file):
+    before = signal.getsignal(signal.SIGTERM)
+    box: dict = {}
+
+    def train() -> None:
+        try:
+            box["result"] = run_finetune(model_dir, train_file, tmp_path / "out", **dict(BASE, max_steps=1,
+                                                                                         save_strategy="no"))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            box["error"] = e
+
+    t = threading.Thread(target=train)
+    t.start()
+    t.join(timeout=300)
+    assert "error" not in box, box.get("error")
+    assert box["result"].global_step == 1
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ---------------------------------------------------------------------------------------
+# save_interval_minutes: a safety checkpoint between save_strategy's
+# ---------------------------------------------------------------------------------------
+
+
+def interval_saves(messages: list) -> list:
+    found = [re.search(r"checkpoint-(\d+) \(save_interval_minutes", m) for m in messages]
+    return [int(f[1]) for f in found if f]
+
+
+def run_recording(model_dir, train_file, out, **params) -> tuple:
+    messages: list = []
+
+    def progress(kind, task_id, name, *rest):
+        if kind == "message":
+            messages.append(name)
+
+    result = ferrotune.finetune(str(model_dir), str(train_file), output_dir=str(out), progress=progress,
+                                report_to="none", **params)
+    return result, messages
+
+
+def test_save_interval_adds_safety_checkpoints_that_the_next_one_replaces(tmp_path, model_dir, train_file):
+    params = dict(BASE, max_steps=6, save_strategy="steps", save_steps=4, save_total_limit=-1)
+    # an interval every step outlasts (about 60 microseconds): a safety checkpoint after each
+    # step that save_strategy does not save
+    result, messages = run_recording(model_dir, train_file, tmp_path / "often", save_interval_minutes=1e-6, **params)
+    assert interval_saves(messages) == [1, 2, 3, 5], messages
+    # each replaced by the next checkpoint: save_strategy's stay, as without the interval
+    assert checkpoint_steps(tmp_path / "often") == [4, 6]
+    state = json.loads((tmp_path / "often" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert "unscheduled_checkpoint" not in state
+    assert result.global_step == 6
+
+    # the default, 30 minutes, does not come up in a short run; 0 turns the interval off
+    for extra in ({}, {"save_interval_minutes": 0}):
+        _, messages = run_recording(model_dir, train_file, tmp_path / f"default{len(extra)}", **extra, **params)
+        assert interval_saves(messages) == [], messages
+        assert checkpoint_steps(tmp_path / f"default{len(extra)}") == [4, 6]
+    # save_strategy "no" means no checkpoints at all
+    _, messages = run_recording(model_dir, train_file, tmp_path / "no", save_interval_minutes=1e-6,
+                                **dict(params, save_strategy="no"))
+    assert interval_saves(messages) == [] and checkpoint_steps(tmp_path / "no") == []
+

@@ -20,7 +20,9 @@ import json
 import math
 import numbers
 import os
+import signal
 import sys
+import threading
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
@@ -29,7 +31,7 @@ import numpy as np
 
 from . import _core
 from ._progress import LineRenderer, TqdmRenderer, make_renderer
-from .exceptions import FerrotuneError, InvalidArgumentError
+from .exceptions import FerrotuneError, InvalidArgumentError, TrainingInterrupted
 
 __all__ = ["finetune", "FinetuneResult", "build_config", "DEFAULTS", "PARAMETER_NAMES"]
 
@@ -83,6 +85,7 @@ DEFAULTS: dict = {
     "eval_steps": None,
     "save_strategy": "epoch",
     "save_total_limit": -1,
+    "save_interval_minutes": 30.0,
     "resume_from_checkpoint": None,
     "checkpoint_dir": None,
     "device": "auto",
@@ -418,6 +421,11 @@ _PARAMS: dict[str, _Param] = {
     "save_strategy": _choice_param(("no", "steps", "epoch"), "when to save checkpoints: no, steps, epoch"),
     "save_steps": _int_param(1, "save a checkpoint every this many steps (save_strategy steps)"),
     "save_total_limit": _int_param(1, "checkpoints to keep (the best one is kept too)", minus_one="keep all"),
+    "save_interval_minutes": _float_param(
+        "also save a checkpoint when this many minutes have passed since the last (0: off); "
+        "the next checkpoint replaces it",
+        lo=0.0,
+    ),
     "resume_from_checkpoint": _Param(
         "path", _parse_resume, "a checkpoint folder, or true for the latest in checkpoint_dir (default output_dir)"
     ),
@@ -637,7 +645,7 @@ def _mlflow_session(report_to: str, say: Callable[[str], None] = _say_stderr) ->
     status = "FINISHED"
     try:
         yield mlflow
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated):
         status = "KILLED"
         raise
     except BaseException:
@@ -897,6 +905,11 @@ def finetune(
 
     Returns:
         :class:`FinetuneResult`.
+
+    Raises:
+        TrainingInterrupted: SIGTERM (Azure ML's notice before preemption or cancel) stopped
+            training after a checkpoint of the last whole step was saved; resume with
+            ``resume_from_checkpoint=True``. (Ctrl-C: the same, as ``KeyboardInterrupt``.)
     """
     distributed = distributed_from_env()
     report = _resolve_report_to(report_to)
@@ -916,12 +929,83 @@ def finetune(
     if native is None:
         raise FerrotuneError("this build of ferrotune has no training support (ferrotune._core.finetune is missing)")
     say = (lambda text: renderer("message", 0, text, None, 0, "")) if renderer is not None else _say_stderr
-    with _mlflow_session(report, say) as mlflow:
-        router = MetricsRouter(renderer, mlflow=mlflow, callbacks=cbs)
-        for note in notes:
-            router.message(f"note: {note}")
-        out = native(json.dumps(config, allow_nan=False), progress=router)
+    try:
+        with _sigterm_stops_training(), _mlflow_session(report, say) as mlflow:
+            router = MetricsRouter(renderer, mlflow=mlflow, callbacks=cbs)
+            for note in notes:
+                router.message(f"note: {note}")
+            out = native(json.dumps(config, allow_nan=False), progress=router)
+    except _Terminated as e:
+        raise _interrupted(config, e.signal_number, say) from None
     return FinetuneResult.from_summary(out, output_dir=config["output_dir"], notes=notes)
+
+
+class _Terminated(BaseException):
+    """Raised by finetune()'s SIGTERM handler; finetune() turns it into
+    :class:`TrainingInterrupted` once the core has saved its checkpoint."""
+
+    def __init__(self, signal_number: int) -> None:
+        super().__init__(signal_number)
+        self.signal_number = signal_number
+
+
+@contextlib.contextmanager
+def _sigterm_stops_training() -> Iterator[None]:
+    """While training, SIGTERM (Azure ML's notice before preemption or cancel) stops it
+    like Ctrl-C: the core finishes the micro-batch it is in, saves a checkpoint of the
+    last whole step, and the call raises. Only in the main thread (Python delivers signals
+    there, and only there may handlers be set); the previous handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    fired: list = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if not fired:  # a second SIGTERM while the checkpoint is written changes nothing
+            fired.append(signum)
+            raise _Terminated(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        # None: a handler not set from Python; the default is the closest we can restore
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _newest_checkpoint(folder: str) -> tuple:
+    """``(path, step)`` of the newest complete ``checkpoint-{step}`` in ``folder``, or ``(None, None)``."""
+    best: tuple = (None, None)
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return best
+    for name in entries:
+        head, _, num = name.partition("-")
+        if head != "checkpoint" or not num.isdigit():
+            continue
+        path = os.path.join(folder, name)
+        if os.path.isfile(os.path.join(path, "trainer_state.json")) and (best[1] is None or int(num) > best[1]):
+            best = (path, int(num))
+    return best
+
+
+def _interrupted(config: Mapping[str, Any], signal_number: int, say: Callable[[str], None]) -> TrainingInterrupted:
+    """The exception (and the one line said) after SIGTERM stopped training."""
+    folder = config.get("checkpoint_dir") or config["output_dir"]
+    path, step = _newest_checkpoint(folder)
+    name = signal.Signals(signal_number).name
+    if path is None:
+        line = f"stopped by {name} before the first optimizer step: no checkpoint in {folder} to resume from"
+    else:
+        line = (
+            f"stopped by {name}: checkpoint {path} (step {step}); to continue, run the same training with "
+            "resume_from_checkpoint=True (ferrotune finetune ... --resume)"
+            + (" and the same checkpoint_dir" if config.get("checkpoint_dir") else "")
+        )
+    say(line)
+    return TrainingInterrupted(line, checkpoint=path, step=step, signal_number=signal_number)
 
 
 def _worker_messages(rank: int) -> Callable[..., None]:

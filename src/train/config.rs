@@ -85,6 +85,9 @@ fn d_auto() -> String {
 fn d_split() -> f64 {
     0.2
 }
+fn d_interval() -> f64 {
+    30.0
+}
 
 /// Everything `finetune` takes. Unknown keys are an error (the Python layer has already
 /// turned notebook-only keys into notes).
@@ -158,6 +161,11 @@ pub struct TrainConfig {
     pub save_steps: Option<usize>,
     #[serde(default = "d_neg1")]
     pub save_total_limit: i64,
+    /// Also save a checkpoint once this many minutes have passed since the last one (a
+    /// preempted job loses at most about this much work); 0 turns it off. Only when
+    /// `save_strategy` is not "no"; such a checkpoint is replaced by the next one.
+    #[serde(default = "d_interval")]
+    pub save_interval_minutes: f64,
     #[serde(default)]
     pub resume_from_checkpoint: Option<Resume>,
     #[serde(default = "d_auto")]
@@ -264,6 +272,12 @@ impl TrainConfig {
         crate::model::base_dtype(&candle_core::Device::Cpu, &self.precision)?;
         if self.evaluation_strategy == Strategy::Steps && self.eval_steps == Some(0) {
             return bad("eval_steps must be at least 1".into());
+        }
+        if !(self.save_interval_minutes.is_finite() && self.save_interval_minutes >= 0.0) {
+            return bad(format!(
+                "save_interval_minutes must be >= 0 (0: off), got {}",
+                self.save_interval_minutes
+            ));
         }
         if self.save_strategy == Strategy::Steps && self.save_steps.unwrap_or(0) == 0 {
             return bad("save_strategy 'steps' needs save_steps >= 1".into());

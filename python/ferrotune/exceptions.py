@@ -33,6 +33,7 @@ __all__ = [
     "FerrotuneIOError",
     "FerrotuneFileNotFoundError",
     "FerrotunePermissionError",
+    "MissingDependencyError",
     "TrainingInterrupted",
 ]
 
@@ -125,6 +126,11 @@ class FerrotuneFileNotFoundError(FerrotuneIOError, FileNotFoundError):
 
 class FerrotunePermissionError(FerrotuneIOError, PermissionError):
     """Not allowed to read or write a local path."""
+
+
+class MissingDependencyError(FerrotuneError, ImportError):
+    """An optional package a feature needs is not installed; the message has the ``pip``
+    command (e.g. matplotlib for ``FinetuneResult.plot()``)."""
 
 
 class TrainingInterrupted(SystemExit):

@@ -30,8 +30,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 import numpy as np
 
 from . import _core
-from ._progress import LineRenderer, TqdmRenderer, make_renderer
-from .exceptions import FerrotuneError, InvalidArgumentError, TrainingInterrupted
+from ._progress import LineRenderer, TqdmRenderer, _in_notebook, make_renderer
+from .exceptions import FerrotuneError, InvalidArgumentError, MissingDependencyError, TrainingInterrupted
 
 __all__ = ["finetune", "FinetuneResult", "build_config", "DEFAULTS", "PARAMETER_NAMES"]
 
@@ -830,6 +830,47 @@ class FinetuneResult:
         """``(steps, losses)`` for plotting: steps 1..global_step and each step's loss."""
         return list(range(1, len(self.step_losses) + 1)), list(self.step_losses)
 
+    def plot(self, ax: Any = None) -> Any:
+        """The loss curves with matplotlib: training loss of every step and validation loss
+        of every evaluation, against the optimizer step.
+
+        Args:
+            ax: a matplotlib ``Axes`` to draw into; default: a new figure.
+
+        Returns:
+            The ``matplotlib.figure.Figure``. In Jupyter it shows when it is the cell's
+            value (``result.plot()`` as the last line); elsewhere ``plt.show()`` or
+            ``fig.savefig(path)``.
+
+        Raises:
+            MissingDependencyError: matplotlib is not installed (``pip install matplotlib``).
+        """
+        try:
+            import matplotlib.pyplot as plt  # type: ignore[import-not-found]
+        except ImportError:
+            raise MissingDependencyError(
+                "FinetuneResult.plot() needs matplotlib, which is not installed: pip install matplotlib"
+            ) from None
+        created = ax is None
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(7, 4))
+        else:
+            fig = ax.figure
+        steps, losses = self.loss_curve()
+        ax.plot(steps, losses, label="training loss", linewidth=1.2)
+        evals = [(e["step"], e["eval_loss"]) for e in self.eval if isinstance(e.get("eval_loss"), (int, float))]
+        if evals:
+            ax.plot([s for s, _ in evals], [v for _, v in evals], marker="o", label="validation loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.set_title(f"ferrotune: {self.global_step} steps")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        if created and _in_notebook():
+            # Jupyter shows the returned figure; left open, the inline backend would draw it twice
+            plt.close(fig)
+        return fig
+
     def best_eval(self) -> Optional[dict]:
         """The evaluation with the lowest ``eval_loss``, or ``None``."""
         evals = [e for e in self.eval if isinstance(e.get("eval_loss"), (int, float))]
@@ -894,8 +935,10 @@ def finetune(
         model: a model folder (config.json + safetensors), an Azure ML MLflow model folder
             or a Hub repo id.
         train_file, validation_file, output_dir: paths.
-        progress: ``"auto"``/``True`` (bars in notebooks, lines in logs), ``False``,
-            ``"bar"``, ``"lines"`` or a callable ``(kind, task_id, name, total, n, unit)``.
+        progress: ``"auto"``/``True`` (in Jupyter a live table of step, training and
+            validation loss, learning rate, tokens/s and ETA; bars in a terminal, lines in
+            logs), ``False``, ``"bar"``, ``"lines"`` or a callable
+            ``(kind, task_id, name, total, n, unit)``.
         report_to: ``"auto"`` (MLflow when ``mlflow`` is imported and a run is active, or
             in an Azure ML job), ``"mlflow"`` (the active run, or a new one for the
             duration) or ``"none"``.
@@ -922,7 +965,7 @@ def finetune(
             # the others print their own messages only.
             progress, report, cbs, notes = _worker_messages(distributed["rank"]), "none", [], []
     try:
-        renderer = make_renderer(progress)
+        renderer = make_renderer(progress, training=True)
     except ValueError as e:
         raise InvalidArgumentError(str(e)) from None
     native = getattr(_core, "finetune", None)

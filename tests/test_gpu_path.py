@@ -109,3 +109,46 @@ def test_cuda_without_a_usable_gpu_is_a_typed_error(model_dir):
     msg = str(e.value)
     assert "\n" not in msg and ("no CUDA support" in msg or "NVIDIA driver" in msg or "no GPU" in msg), msg
     assert isinstance(e.value, RuntimeError)
+
+
+@emulated
+def test_running_out_of_gpu_memory_mid_run_leaves_the_last_checkpoint_intact(model_dir, tmp_path, monkeypatch):
+    rows = tmp_path / "train.jsonl"
+    convs = [[{"role": "user", "content": f"question {i} " * 8}, {"role": "assistant", "content": f"answer {i} " * 12}]
+             for i in range(16)]
+    rows.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs), encoding="utf-8")
+
+    def run(out, steps):
+        return ferrotune.finetune(
+            str(model_dir), str(rows), None, str(out), device="emu", precision="bf16", max_steps=steps,
+            per_device_train_batch_size=2, save_strategy="steps", save_steps=1, save_total_limit=-1,
+            evaluation_strategy="no", merge_lora_weights=False, logging_steps=1, progress=False, shuffle=False,
+        )
+
+    # how many device allocations a run of 2 and of 3 steps makes (deterministic)
+    a = _core._emu_allocations()
+    run(tmp_path / "two", 2)
+    b = _core._emu_allocations()
+    run(tmp_path / "three", 3)
+    c = _core._emu_allocations()
+    per_step = (c - b) - (b - a)
+    assert per_step > 0
+    # the device runs out in the middle of step 3
+    monkeypatch.setenv("FERROTUNE_EMU_FAIL_ALLOC", str((b - a) + per_step // 2))
+    out = tmp_path / "out"
+    with pytest.raises(OutOfMemoryError, match="out of GPU memory"):
+        run(out, 4)
+    names = sorted(p.name for p in out.iterdir())
+    assert "checkpoint-2" in names and "checkpoint-3" not in names, names
+    assert not [n for n in names if n.startswith(".")], names  # no half-written folder
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    # and the run resumes from it on a device with memory enough
+    monkeypatch.delenv("FERROTUNE_EMU_FAIL_ALLOC")
+    resumed = ferrotune.finetune(
+        str(model_dir), str(rows), None, str(out), device="emu", precision="bf16", max_steps=4,
+        per_device_train_batch_size=2, save_strategy="steps", save_steps=1, save_total_limit=-1,
+        evaluation_strategy="no", merge_lora_weights=False, logging_steps=1, progress=False, shuffle=False,
+        resume_from_checkpoint=True,
+    )
+    assert resumed.global_step == 4

@@ -182,6 +182,15 @@ fn _gpu_selfcheck(
     py.allow_threads(run).map_err(|e| errors::to_pyerr(py, e))
 }
 
+/// Allocations made so far by the emulated GPUs of this process (test builds), or -1.
+#[pyfunction]
+fn _emu_allocations() -> i64 {
+    #[cfg(feature = "gpu-emu")]
+    return crate::kernels::cuda::emu::allocations() as i64;
+    #[cfg(not(feature = "gpu-emu"))]
+    -1
+}
+
 /// Whether this build has CUDA support (the CUDA wheel), whether or not a GPU is here.
 #[pyfunction]
 fn cuda_build() -> bool {
@@ -248,6 +257,7 @@ fn ferrotune_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(gpu_emulator, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_build, m)?)?;
+    m.add_function(wrap_pyfunction!(_emu_allocations, m)?)?;
     m.add_function(wrap_pyfunction!(_gpu_selfcheck, m)?)?;
     m.add_function(wrap_pyfunction!(_json_string, m)?)?;
     m.add_function(wrap_pyfunction!(_group_sum_timings, m)?)?;

@@ -22,6 +22,14 @@ include!(concat!(env!("OUT_DIR"), "/emu_kernels.rs"));
 
 const ALIGN: usize = 256;
 
+/// Allocations made by every emulated GPU of the process (tests count a step's).
+static ALLOCATIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Allocations made so far by the emulated GPUs of this process.
+pub fn allocations() -> usize {
+    ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The emulated device.
 pub struct Emu {
     /// Live allocations: start → bytes.
@@ -29,6 +37,10 @@ pub struct Emu {
     capability: (u32, u32),
     /// Its memory: `FERROTUNE_EMU_MEMORY` bytes (default 64 GiB), so tests can run out of it.
     total: std::sync::atomic::AtomicUsize,
+    /// `FERROTUNE_EMU_FAIL_ALLOC=N`: the N-th allocation of this device fails as out of
+    /// memory (an out-of-memory in the middle of a run, for tests).
+    fail_at: Option<usize>,
+    count: std::sync::atomic::AtomicUsize,
 }
 
 impl Emu {
@@ -48,6 +60,10 @@ impl Emu {
             allocs: Mutex::new(BTreeMap::new()),
             capability,
             total: total.into(),
+            fail_at: std::env::var("FERROTUNE_EMU_FAIL_ALLOC")
+                .ok()
+                .and_then(|v| v.parse().ok()),
+            count: 0.into(),
         }
     }
 
@@ -127,7 +143,12 @@ impl Runtime for Emu {
 
     fn alloc(&self, bytes: usize) -> Result<u64> {
         let (free, _) = self.memory()?;
-        if bytes > free {
+        ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = self
+            .count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if bytes > free || self.fail_at == Some(n) {
             return Err(super::out_of_memory(bytes, Some(free)));
         }
         // SAFETY: a non-zero size with a valid alignment.

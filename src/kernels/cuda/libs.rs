@@ -203,3 +203,35 @@ impl Nccl {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_library_is_a_typed_error_naming_the_pip_package() {
+        let err = open(
+            &["libferrotune-no-such-library.so.12"],
+            "cuBLAS",
+            "pip install nvidia-cublas-cu12",
+        )
+        .err()
+        .expect("no such library");
+        let msg = err.to_string();
+        assert!(matches!(err, Error::GpuUnavailable(_)), "{err:?}");
+        assert!(
+            msg.starts_with(
+                "cuBLAS cannot be loaded (looked for libferrotune-no-such-library.so.12 in "
+            ) && msg.ends_with(": pip install nvidia-cublas-cu12")
+                && !msg.contains('\n'),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn the_folders_of_ferrotune_cuda_lib_dirs_are_searched_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::env::set_var("FERROTUNE_CUDA_LIB_DIRS", tmp.path());
+        assert!(candidate_dirs().first().is_some_and(|d| d == tmp.path()));
+    }
+}

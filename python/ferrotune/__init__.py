@@ -33,7 +33,7 @@ if "FERROTUNE_CUDA_LIB_DIRS" not in _os.environ:
         _os.environ["FERROTUNE_CUDA_LIB_DIRS"] = _dirs
 
 from . import _core  # noqa: E402
-from ._download import SplitDownload  # noqa: E402, download_dataset, hub_download, split_names
+from ._download import SplitDownload, download_dataset, hub_download, split_names  # noqa: E402
 from ._tokenize import ChatTokenizer, TokenizedDataset, TokenizeStats, load_tokenized, tokenize_dataset
 from .exceptions import *  # noqa: F401,F403
 from .exceptions import __all__ as _exc_all

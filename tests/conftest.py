@@ -20,6 +20,13 @@ PEER = ROOT / "tests" / "support" / "peer_download_dataset.py"
 REPO_ID = fakehub.ULTRACHAT_REPO_ID
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "slow: builds the wheel or side virtualenvs (minutes on first use); leave out with -m 'not slow'",
+    )
+
+
 @pytest.fixture(scope="session")
 def ultrachat_dir(tmp_path_factory) -> Path:
     """The synthetic dataset, generated once per session (small row counts chosen so that

@@ -1154,3 +1154,195 @@ def test_early_errors_are_typed_and_send_nothing(side_python, tmp_path):
     check("gpu_deploy_cpu_wheel", "WheelError", "GPU instance type needs ferrotune's CUDA wheel", "Standard_E8s_v3")
     check("old_gpu_deploy", "ComputeTargetError", "instance type Standard_NC6s_v2 (P100, compute capability 6.0)")
     assert r["requests_after_errors"] == 0
+
+
+# ---------------------------------------------------------------------------------------
+# The node-side installer (install_ferrotune.py): which wheel, or why none
+# ---------------------------------------------------------------------------------------
+
+CPU = "wheels/ferrotune-0.1.0-cp310-abi3-manylinux_2_34_x86_64.whl"
+CU12 = "wheels/ferrotune-0.1.0+cu12-cp310-abi3-manylinux_2_34_x86_64.whl"
+CU13 = "wheels/ferrotune-0.1.0+cu13-cp310-abi3-manylinux_2_34_x86_64.whl"
+
+
+def test_installer_reads_nvidia_smi_and_proc():
+    from ferrotune.azureml import _node_install as ni
+
+    gpus, driver = ni.parse_nvidia_smi(
+        "Tesla V100-PCIE-16GB, 535.161.08, 7.0\nTesla V100-PCIE-16GB, 535.161.08, 7.0\n"
+    )
+    assert gpus == (ni.Gpu("Tesla V100-PCIE-16GB", 7.0),) * 2 and driver == 535
+    gpus, driver = ni.parse_nvidia_smi("NVIDIA A100 80GB PCIe, 470.82.01\n")  # an nvidia-smi without compute_cap
+    assert gpus == (ni.Gpu("NVIDIA A100 80GB PCIe", None),) and driver == 470
+    assert ni.parse_nvidia_smi("") == ((), None)
+    proc = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 19:50:25 UTC 2024\nGCC version: gcc 12\n"
+    assert ni.parse_proc_driver(proc) == 550 and ni.parse_proc_driver("nothing here") is None
+    assert (ni.cuda_major(CPU), ni.cuda_major(CU12), ni.cuda_major("x/ferrotune-0.1.0+cu12.nccl-cp310-abi3-linux_x86_64.whl")) == (
+        None, 12, 12)
+    # this machine: no NVIDIA driver, so no GPU (what the job rehearsal relies on)
+    node = ni.inspect_node()
+    assert node.gpus == () and node.driver is None
+
+
+@pytest.mark.parametrize(
+    "wheels, gpus, driver, device, expected",
+    [
+        # a GPU node: the CUDA wheel, precision noted
+        ([CPU, CU12], [("Tesla V100-PCIE-16GB", 7.0)], 535, "auto", (CU12, "no bf16: fp16 training")),
+        ([CU12, CPU], [("NVIDIA A100 80GB PCIe", 8.0)], 550, "cuda", (CU12, "bf16-capable")),
+        ([CU12], [("NVIDIA H100 NVL", 9.0)], 525, "auto", (CU12, "driver 525")),
+        ([CU12], [("NVIDIA GPU (no nvidia-smi)", None)], 560, "auto", (CU12, "driver 560")),
+        # no GPU: the CPU wheel, or the CUDA wheel (which runs on a CPU too)
+        ([CPU, CU12], [], None, "auto", (CPU, "no NVIDIA GPU on this node")),
+        ([CU12], [], None, "auto", (CU12, "training on the CPU")),
+        ([CPU, CU12], [("Tesla V100-PCIE-16GB", 7.0)], 535, "cpu", (CPU, "device=cpu")),
+    ],
+)
+def test_installer_picks_the_wheel(wheels, gpus, driver, device, expected):
+    from ferrotune.azureml import _node_install as ni
+
+    node = ni.NodeInfo(tuple(ni.Gpu(*g) for g in gpus), driver, "test")
+    wheel, reason = ni.choose_wheel(wheels, node, device)
+    assert wheel == expected[0] and expected[1] in reason, reason
+
+
+@pytest.mark.parametrize(
+    "wheels, gpus, driver, device, message",
+    [
+        ([CPU, CU12], [("Tesla V100-PCIE-16GB", 7.0)], 470, "auto", "needs an NVIDIA driver >= 525, this node has driver 470"),
+        ([CU13], [("NVIDIA A100 80GB PCIe", 8.0)], 550, "auto", "CUDA 13 wheel"),
+        ([CPU, CU12], [("Tesla P100-PCIE-16GB", 6.0)], 535, "auto", "compute capability 6.0"),
+        ([CPU], [("Tesla V100-PCIE-16GB", 7.0)], 535, "auto", "ships only the CPU wheel"),
+        ([CPU, CU12], [], None, "cuda", "device=cuda but this node has no NVIDIA GPU"),
+        ([], [], None, "auto", "no ferrotune wheel"),
+        ([CPU], [], None, "gpu", "expected auto, cpu or cuda"),
+    ],
+)
+def test_installer_refuses_a_node_it_cannot_serve(wheels, gpus, driver, device, message):
+    from ferrotune.azureml import _node_install as ni
+
+    node = ni.NodeInfo(tuple(ni.Gpu(*g) for g in gpus), driver, "test")
+    with pytest.raises(ni.InstallError, match=message):
+        ni.choose_wheel(wheels, node, device)
+
+
+def test_installer_script_says_why_in_one_line(tmp_path):
+    """The installer as the job runs it: a script beside a wheels/ folder, one line and exit
+    status 1 when it cannot install (here: device=cuda on a machine without GPU)."""
+    from ferrotune.azureml import _node_install as ni
+
+    code = tmp_path / "code"
+    (code / "wheels").mkdir(parents=True)
+    (code / "install_ferrotune.py").write_text(Path(ni.__file__).read_text())
+    azure_wheels.make_wheel(code / "wheels", local="cu12", requires=azure_wheels.CUDA_REQUIRES)
+    r = subprocess.run([sys.executable, "install_ferrotune.py", "--device", "cuda"], cwd=code,
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ""})
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("install_ferrotune.py: error: device=cuda but this node has no")
+    empty = tmp_path / "empty"
+    (empty / "wheels").mkdir(parents=True)
+    r = subprocess.run([sys.executable, str(code / "install_ferrotune.py"), "--wheels", str(empty / "wheels")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "no ferrotune wheel in the job's code folder" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# Which wheel by default (the fast cases; the checkout build is in test_azureml_rehearsal.py)
+# ---------------------------------------------------------------------------------------
+
+
+def test_default_wheel_of_a_ferrotune_installed_from_a_wheel_file(tmp_path, monkeypatch):
+    """pip's direct_url.json names the wheel file; it is kept in the wheel cache, which
+    serves when the file is gone or has been rebuilt since."""
+    import importlib as il
+
+    from ferrotune.azureml import wheels
+
+    wheel = azure_wheels.make_wheel(tmp_path / "dist")
+    site = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check",
+                        "--target", str(site), str(wheel)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    monkeypatch.syspath_prepend(str(site))
+    il.invalidate_caches()
+    monkeypatch.setenv("FERROTUNE_WHEEL_CACHE", str(tmp_path / "cache"))
+    pkg = site / "ferrotune"
+    cached = tmp_path / "cache" / "installed" / wheel.name
+
+    assert wheels._installed_wheel(pkg) == (wheel, "installed from this wheel file")
+    assert cached.read_bytes() == wheel.read_bytes()
+    original = wheel.read_bytes()
+    wheel.write_bytes(b"rebuilt since: not what is installed")
+    path, note = wheels._installed_wheel(pkg)
+    assert path == cached and "copy in the wheel cache" in note
+    wheel.unlink()
+    assert wheels._installed_wheel(pkg)[0] == cached
+    cached.unlink()
+    path, note = wheels._installed_wheel(pkg)
+    assert path is None and f"installed from {wheel}, which no longer exists" in note
+    wheel.write_bytes(original)  # back: found again, and cached again
+    assert wheels._installed_wheel(pkg)[0] == wheel and cached.is_file()
+    # another ferrotune than the one installed there: not its wheel
+    path, note = wheels._installed_wheel(tmp_path / "elsewhere" / "ferrotune")
+    assert path is None and "is not the one running" in note
+
+
+def test_no_default_wheel_is_a_clear_error(tmp_path):
+    """ferrotune imported from a plain folder (neither a wheel install nor a checkout)."""
+    import shutil
+
+    site = tmp_path / "site"
+    shutil.copytree(ROOT / "python" / "ferrotune", site / "ferrotune", ignore=shutil.ignore_patterns("__pycache__"))
+    code = (
+        "import ferrotune.azureml as az\n"
+        "try:\n    az.default_wheels()\n"
+        "except az.WheelNotFoundError as e:\n    print(type(e).__name__, isinstance(e, FileNotFoundError), e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(site), "FERROTUNE_WHEEL_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.strip()
+    assert out.startswith(f"WheelNotFoundError True no wheel of the running ferrotune {ferrotune.__version__} ({site / 'ferrotune'})")
+    for hint in ("wheels=['ferrotune-...whl']", "maturin build --release", "scripts/build_cuda.sh",
+                 "ferrotune_requirement='ferrotune==X'"):
+        assert hint in out, out
+    assert "\n" not in out
+
+
+def test_the_checkout_cuda_wheel_comes_from_dist_cuda(tmp_path):
+    from ferrotune.azureml import wheels
+
+    root = tmp_path / "checkout"
+    (root / "src").mkdir(parents=True)
+    (root / "src" / "lib.rs").write_text("// source\n")
+    assert wheels._dist_cuda_wheel(root, "0.1.0") is None
+    old = azure_wheels.make_wheel(root / "dist-cuda", "0.1.0", local="cu12")
+    other = azure_wheels.make_wheel(root / "dist-cuda", "0.2.0", local="cu12")
+    new = azure_wheels.make_wheel(root / "dist-cuda", "0.1.0", local="cu12.nccl")
+    os.utime(old, ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000))
+    os.utime(other, ns=(3_000_000_000_000_000_000, 3_000_000_000_000_000_000))
+    os.utime(new, ns=(2_000_000_000_000_000_000, 2_000_000_000_000_000_000))
+    os.utime(root / "src" / "lib.rs", ns=(1_500_000_000_000_000_000, 1_500_000_000_000_000_000))
+    _, newest = wheels._source_state(root)
+    assert wheels._dist_cuda_wheel(root, "0.1.0", newest) == new  # the newest of this version
+    os.utime(root / "src" / "lib.rs", ns=(2_500_000_000_000_000_000, 2_500_000_000_000_000_000))
+    _, newest = wheels._source_state(root)
+    with pytest.warns(UserWarning, match=r"dist-cuda/ferrotune-0\.1\.0\+cu12\.nccl-.*is older than the checkout's sources"):
+        assert wheels._dist_cuda_wheel(root, "0.1.0", newest) == new
+
+
+def test_a_failed_checkout_build_is_a_typed_error_and_leaves_nothing(tmp_path, monkeypatch):
+    from ferrotune.azureml import wheels
+
+    root = tmp_path / "checkout"
+    (root / "python" / "ferrotune").mkdir(parents=True)
+    (root / "pyproject.toml").write_text('[project]\nname = "ferrotune"\n')
+    (root / "Cargo.toml").write_text("this is not toml [\n")
+    assert wheels._checkout_root(root / "python" / "ferrotune") == root
+    monkeypatch.setenv("FERROTUNE_WHEEL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(az.WheelBuildError) as e:
+        wheels.build_wheel(root)
+    msg = str(e.value)
+    assert msg.startswith(f"`maturin build --release` in {root} failed (exit status ") and "wheels=[...]" in msg
+    assert "maturin said:\n" in msg and msg.split("maturin said:\n", 1)[1].strip()
+    assert list((tmp_path / "cache" / "built").iterdir()) == []  # no half-built folder

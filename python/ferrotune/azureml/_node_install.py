@@ -98,24 +98,33 @@ def parse_proc_driver(text: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-def inspect_node() -> NodeInfo:
-    """The GPUs and driver of this machine (no GPU, no driver: an empty NodeInfo)."""
+def _nvidia_smi(fields: str) -> Optional[str]:
     try:
         r = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,driver_version,compute_cap", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=60,
+            ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"], capture_output=True, text=True, timeout=60
         )
-        if r.returncode == 0:
-            gpus, driver = parse_nvidia_smi(r.stdout)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+def inspect_node() -> NodeInfo:
+    """The GPUs and driver of this machine (no GPU, no driver: an empty NodeInfo)."""
+    # compute_cap needs nvidia-smi from driver 510 or later; older ones get the short query
+    for fields in ("name,driver_version,compute_cap", "name,driver_version"):
+        out = _nvidia_smi(fields)
+        if out is not None:
+            gpus, driver = parse_nvidia_smi(out)
             if gpus:
                 return NodeInfo(gpus, driver, "nvidia-smi")
-    except (OSError, subprocess.SubprocessError):
-        pass
     try:
         driver = parse_proc_driver(Path("/proc/driver/nvidia/version").read_text())
     except OSError:
         driver = None
-    return NodeInfo((), driver, "/proc/driver/nvidia/version" if driver is not None else "no NVIDIA driver found")
+    if driver is None:
+        return NodeInfo((), None, "no nvidia-smi, no /proc/driver/nvidia/version")
+    # a driver but no nvidia-smi: there is a GPU, its model is unknown
+    return NodeInfo((Gpu("NVIDIA GPU (no nvidia-smi)", None),), driver, "/proc/driver/nvidia/version")
 
 
 def choose_wheel(wheels: Sequence[str], node: NodeInfo, device: str = "auto") -> tuple:

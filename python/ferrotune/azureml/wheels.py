@@ -229,16 +229,13 @@ def _file_sha256(path: Path) -> str:
 
 
 def _copy_atomic(src: Path, dest: Path) -> None:
-    """``src`` → ``dest`` through a temporary name in ``dest``'s folder (a hard link where
-    possible): ``dest`` is complete or absent."""
+    """``src`` → ``dest`` through a temporary name in ``dest``'s folder: ``dest`` is
+    complete or absent. A copy, not a hard link: the source may be rebuilt in place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
     try:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copy2(src, tmp)
+        shutil.copy2(src, tmp)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -271,19 +268,29 @@ def _installed_wheel(pkg: Path) -> tuple:
     parts = urlsplit(url)
     if parts.scheme != "file":
         return None, f"ferrotune was installed from {url} (not a local wheel file)"
+    archive = info.get("archive_info") or {}
+    want = (archive.get("hashes") or {}).get("sha256")
+    if want is None and str(archive.get("hash", "")).startswith("sha256="):
+        want = archive["hash"][len("sha256="):]
     source = Path(unquote(parts.path))
     cached = cache_dir() / "installed" / source.name
-    if source.is_file():
-        st = source.stat()
-        if not cached.is_file() or cached.stat().st_size != st.st_size or cached.stat().st_mtime_ns < st.st_mtime_ns:
+
+    def same(p: Path) -> bool:  # the very file pip installed (when pip recorded its hash)
+        return p.is_file() and (want is None or _file_sha256(p) == want)
+
+    if same(source):
+        if not same(cached):
             try:
                 _copy_atomic(source, cached)
             except OSError:
-                return source, "installed from this wheel file"
+                pass  # no cache today: the file itself still works
         return source, "installed from this wheel file"
-    if cached.is_file():
-        return cached, "installed from a wheel file that is gone; its copy in the wheel cache"
-    return None, f"ferrotune was installed from {source}, which no longer exists (and has no copy in {cached.parent})"
+    if same(cached):
+        return cached, "the copy in the wheel cache of the wheel file it was installed from"
+    what = "has changed since" if source.is_file() else "no longer exists"
+    return None, (
+        f"ferrotune was installed from {source}, which {what} (and the wheel cache {cached.parent} has no copy)"
+    )
 
 
 def _checkout_root(pkg: Path) -> Optional[Path]:
@@ -349,7 +356,7 @@ def build_wheel(root: PathLike) -> Path:
     done = sorted(dest.glob("ferrotune-*.whl")) if dest.is_dir() else []
     if len(done) == 1:
         return done[0]
-    cmd = [*_maturin(), "build", "--release", "--interpreter", sys.executable]
+    cmd = [*_maturin(), "build", "--release"]
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -442,10 +449,7 @@ def _assemble(kind: str, files: dict, wheels: Sequence[Wheel]) -> Path:
         for w in wheels:
             target = tmp / ("wheels" if kind == "job-code" else "") / w.filename
             target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(w.path, target)
-            except OSError:
-                shutil.copy2(w.path, target)
+            shutil.copy2(w.path, target)  # not a hard link: the folder's name is its content
         try:
             os.replace(tmp, dest)
         except OSError:

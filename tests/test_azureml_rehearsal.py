@@ -51,6 +51,9 @@ pytestmark = pytest.mark.slow
 
 CHECKPOINTS = "checkpoint_dir" in importlib.import_module("ferrotune.finetune")._PARAMS
 EXPERIMENT = "rehearsal"
+# The stand-in for Azure ML's tracking server is an MLflow file store (Azure ML's own is an
+# azureml:// URI served by azureml-mlflow); MLflow 3 wants this opt-in for file stores.
+MLFLOW_FILE_STORE = {"MLFLOW_ALLOW_FILE_STORE": "true"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -130,7 +133,8 @@ def _mlflow_run(image_python: Path, store: Path) -> tuple:
         f"e = c.create_experiment({EXPERIMENT!r})\n"
         "print(e, c.create_run(e).info.run_id)\n"
     )
-    r = subprocess.run([str(image_python), "-c", code, uri], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([str(image_python), "-c", code, uri], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **MLFLOW_FILE_STORE})
     assert r.returncode == 0, r.stderr[-3000:]
     experiment_id, run_id = r.stdout.split()[-2:]
     return uri, experiment_id, run_id
@@ -139,7 +143,7 @@ def _mlflow_run(image_python: Path, store: Path) -> tuple:
 def _node(job: dict, image_python: Path, node: Path, inputs: dict, outputs: Path, mlflow: tuple) -> dict:
     """One node running the job: fresh container, the code folder as working directory."""
     node.mkdir(parents=True)
-    container = azure_node.container_venv(image_python, node / "container")
+    python = azure_node.container_venv(image_python, node / "container")
     workdir = azure_node.copy_code(Path(job["code"]), node / "wd")
     bound_outputs = {name: outputs / name for name in job["outputs"]}
     for folder in bound_outputs.values():
@@ -149,13 +153,14 @@ def _node(job: dict, image_python: Path, node: Path, inputs: dict, outputs: Path
     env = {
         # what the launcher sets and ferrotune (MLflow) reads
         "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_ID": experiment_id, "MLFLOW_RUN_ID": run_id,
-        "AZUREML_RUN_ID": run_id,
+        "AZUREML_RUN_ID": run_id, **MLFLOW_FILE_STORE,
         **{f"AZURE_ML_INPUT_{k}": str(v) for k, v in inputs.items()},
         **{f"AZURE_ML_OUTPUT_{k}": str(v) for k, v in bound_outputs.items()},
         **job["environment_variables"],
     }
     proc = azure_node.run_command(command, node / "container", workdir, env)
-    return {"proc": proc, "container": container, "workdir": workdir, "outputs": bound_outputs, "command": command}
+    return {"proc": proc, "python": python, "container": node / "container", "workdir": workdir,
+            "outputs": bound_outputs, "command": command}
 
 
 @pytest.fixture(scope="module")
@@ -207,10 +212,10 @@ def test_job_rehearsal(job_run):
 
     # the installer chose the CPU wheel (no GPU here) and installed it into the container
     assert f"ferrotune: installed {wheel} (device=cpu: training on the CPU)" in proc.stdout
-    where = azure_node.installed_from(first["container"])
-    assert where is not None and where.startswith(str(first["container"])), where
+    where = azure_node.installed_from(first["python"])
+    assert where is not None and where.startswith(str(first["container"]) + "/"), where
     # inside the container, the installed ferrotune knows the wheel it came from
-    r = subprocess.run([str(first["container"]), "-c",
+    r = subprocess.run([str(first["python"]), "-c",
                         "import json, ferrotune.azureml as az; print(json.dumps([str(p) for p in az.default_wheels()]))"],
                        capture_output=True, text=True, cwd=first["workdir"],
                        env={"PATH": "/usr/bin:/bin", "HOME": str(first["workdir"].parent / "home"),
@@ -223,19 +228,48 @@ def test_job_rehearsal(job_run):
     for name in ("MLmodel", "score.py", "conda.yaml", "data/model/config.json", "data/tokenizer/tokenizer.json"):
         assert (trained / name).is_file(), name
     assert list((trained / "data" / "model").glob("*.safetensors"))
-    code = ("import sys, mlflow.models\nm = mlflow.models.Model.load(sys.argv[1])\n"
-            "print(sorted(m.flavors))\n")
-    r = subprocess.run([str(job_run["image"]), "-c", code, str(trained / "MLmodel")], capture_output=True, text=True)
-    assert r.returncode == 0 and "python_function" in r.stdout, r.stderr[-2000:]
+    import mlflow.models
+
+    assert "python_function" in mlflow.models.Model.load(str(trained / "MLmodel")).flavors
     # metrics reached the job's MLflow run
     uri, _, run_id = job_run["mlflow"]
     code = ("import sys, mlflow\nc = mlflow.MlflowClient(sys.argv[1])\n"
             "print(len(c.get_metric_history(sys.argv[2], 'loss')))\n")
-    r = subprocess.run([str(job_run["image"]), "-c", code, uri, run_id], capture_output=True, text=True)
+    r = subprocess.run([str(job_run["image"]), "-c", code, uri, run_id], capture_output=True, text=True,
+                       env={**os.environ, **MLFLOW_FILE_STORE})
     assert r.returncode == 0 and int(r.stdout.split()[-1]) >= 1, (r.stdout, r.stderr[-2000:])
     if CHECKPOINTS:
         checkpoints = sorted(p.name for p in first["outputs"]["checkpoints"].iterdir())
         assert checkpoints == ["checkpoint-3", "checkpoint-6"], checkpoints
+
+
+def test_the_processes_of_a_node_install_the_wheel_once(job_run):
+    """A data-parallel job: Azure ML starts the command once per GPU, so every process runs
+    the installer, at the same time, in the same container; one installs, the others wait
+    for it and find the wheel installed."""
+    job = job_run["job"]
+    node = job_run["tmp"] / "node-parallel"
+    node.mkdir()
+    python = azure_node.container_venv(job_run["image"], node / "container")
+    workdir = azure_node.copy_code(Path(job["code"]), node / "wd")
+    install = job["command"].split(" && ")[0]
+    assert install == "python install_ferrotune.py --device cpu"
+    port = "29500"
+    procs = [
+        subprocess.Popen(["bash", "-c", install], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={"PATH": f"{node / 'container' / 'bin'}:/usr/bin:/bin", "HOME": str(node),
+                              "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                              **{k: os.environ[k] for k in ("PIP_FIND_LINKS", "PIP_CERT") if k in os.environ}})
+        for rank in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    lines = sorted(o[0].strip() for o in outs)
+    wheel = job_run["wheel"].name
+    assert lines == sorted([f"ferrotune: installed {wheel} (device=cpu: training on the CPU)",
+                            f"ferrotune: already installed: {wheel} (device=cpu: training on the CPU)"]), outs
+    assert azure_node.installed_from(python).startswith(str(node / "container") + "/")
 
 
 @pytest.mark.skipif(not CHECKPOINTS, reason="`ferrotune finetune --checkpoint_dir` is not on this branch yet")

@@ -1149,8 +1149,9 @@ def test_early_errors_are_typed_and_send_nothing(side_python, tmp_path):
     assert "FileNotFoundError" in mro
     check("not_ferrotune", "WheelError", "not a ferrotune wheel")
     check("bad_zip", "WheelError", "not a readable wheel (zip) file")
-    check("checkpoint_dir_param", "InvalidArgumentError" if CHECKPOINTS else "InvalidArgumentError",
-          "checkpoint_dir" if not CHECKPOINTS else "leave checkpoint_dir out")
+    # the job owns checkpoint_dir (its `checkpoints` output)
+    check("checkpoint_dir_param", "InvalidArgumentError",
+          "leave checkpoint_dir out" if CHECKPOINTS else "unknown finetune parameter 'checkpoint_dir'")
     check("gpu_deploy_cpu_wheel", "WheelError", "GPU instance type needs ferrotune's CUDA wheel", "Standard_E8s_v3")
     check("old_gpu_deploy", "ComputeTargetError", "instance type Standard_NC6s_v2 (P100, compute capability 6.0)")
     assert r["requests_after_errors"] == 0

@@ -43,7 +43,7 @@ import pytest
 import ferrotune
 from ferrotune import azureml as az
 from tests.support import azure_node, azure_wheels
-from tests.support.inference_server import InferenceServer
+from tests.support.inference_server import InferenceServer, free_port
 from tests.support.venvs import ROOT
 from tests.test_azureml import _NO_NETWORK_ENV, _markers, local_paths, run_side, side_python  # noqa: F401
 
@@ -107,7 +107,8 @@ from tests.support.azure_fixtures import dump_and_load
 tmp = Path(ARGS["tmp"])
 os.environ["FERROTUNE_WHEEL_CACHE"] = ARGS["cache"]
 job = az.finetune_job(model=ARGS["model"], train_file=ARGS["train"], compute="cpu-cluster",
-                      finetune_parameters=ARGS["params"], wheels=[ARGS["wheel"]], experiment_name=ARGS["experiment"])
+                      finetune_parameters=ARGS["params"], wheels=[ARGS["wheel"]], experiment_name=ARGS["experiment"],
+                      gpus_per_node=ARGS.get("processes", 1))
 text, loaded = dump_and_load(job, tmp / "job.yml", load_job)
 y = yaml.safe_load(text)
 result = {
@@ -192,7 +193,7 @@ def job_run(side_python, checkout_wheel, tmp_path_factory) -> dict:
     inputs = {"model": Path(model), "train_file": Path(data["train_sft"].path)}
     first = _node(job, image, tmp / "node-1", inputs, tmp / "outputs", mlflow)
     return {"tmp": tmp, "job": job, "image": image, "mlflow": mlflow, "inputs": inputs, "first": first,
-            "data": data, "wheel": checkout_wheel}
+            "data": data, "wheel": checkout_wheel, "params": params}
 
 
 def test_job_rehearsal(job_run):
@@ -243,33 +244,45 @@ def test_job_rehearsal(job_run):
         assert checkpoints == ["checkpoint-3", "checkpoint-6"], checkpoints
 
 
-def test_the_processes_of_a_node_install_the_wheel_once(job_run):
-    """A data-parallel job: Azure ML starts the command once per GPU, so every process runs
-    the installer, at the same time, in the same container; one installs, the others wait
-    for it and find the wheel installed."""
-    job = job_run["job"]
-    node = job_run["tmp"] / "node-parallel"
+def test_a_data_parallel_job_on_one_node(job_run, side_python):
+    """The job with two processes on one node (``gpus_per_node=2``: a PyTorchDistribution):
+    Azure ML starts the command once per process, with the launcher's RANK / LOCAL_RANK /
+    WORLD_SIZE / MASTER_ADDR / MASTER_PORT, in one container. Both run the installer at the
+    same time (one installs, the other waits for it and finds it done), train together, and
+    rank 0 alone packages the model into trained_model."""
+    tmp = job_run["tmp"] / "parallel"
+    tmp.mkdir()
+    job = run_side(side_python, JOB, tmp, tmp=str(tmp), cache=str(tmp / "wheel-cache"),
+                   model=str(job_run["inputs"]["model"]), train=str(job_run["inputs"]["train_file"]),
+                   params=job_run["params"], wheel=str(job_run["wheel"]), experiment=EXPERIMENT, processes=2)
+    assert job["distribution"] == {"type": "pytorch", "process_count_per_instance": 2}
+    node = tmp / "node"
     node.mkdir()
     python = azure_node.container_venv(job_run["image"], node / "container")
     workdir = azure_node.copy_code(Path(job["code"]), node / "wd")
-    install = job["command"].split(" && ")[0]
-    assert install == "python install_ferrotune.py --device cpu"
-    port = "29500"
+    outputs = {name: tmp / "outputs" / name for name in job["outputs"]}
+    for folder in outputs.values():
+        folder.mkdir(parents=True)
+    command = azure_node.substitute(job["command"], job_run["inputs"], outputs)
+    port = str(free_port())
     procs = [
-        subprocess.Popen(["bash", "-c", install], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={"PATH": f"{node / 'container' / 'bin'}:/usr/bin:/bin", "HOME": str(node),
-                              "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
-                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                              **{k: os.environ[k] for k in ("PIP_FIND_LINKS", "PIP_CERT") if k in os.environ}})
+        azure_node.start_command(command, node / "container", workdir, {
+            "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "NODE_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+        })
         for rank in range(2)
     ]
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    lines = sorted(o[0].strip() for o in outs)
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [(o[0][-3000:], o[1][-3000:]) for o in outs]
     wheel = job_run["wheel"].name
-    assert lines == sorted([f"ferrotune: installed {wheel} (device=cpu: training on the CPU)",
-                            f"ferrotune: already installed: {wheel} (device=cpu: training on the CPU)"]), outs
+    installs = sorted(line for o in outs for line in o[0].splitlines() if line.startswith("ferrotune: "))
+    assert installs == sorted([f"ferrotune: installed {wheel} (device=cpu: training on the CPU)",
+                               f"ferrotune: already installed: {wheel} (device=cpu: training on the CPU)"]), outs
     assert azure_node.installed_from(python).startswith(str(node / "container") + "/")
+    summary = json.loads((workdir / "ferrotune_work" / "train_summary.json").read_text())
+    assert summary["global_step"] == 6
+    assert (outputs["trained_model"] / "MLmodel").is_file()
+    assert "ferrotune_model" in outs[0][0] and "ferrotune_model" not in outs[1][0]  # only rank 0 packaged
 
 
 @pytest.mark.skipif(not CHECKPOINTS, reason="`ferrotune finetune --checkpoint_dir` is not on this branch yet")

@@ -61,15 +61,7 @@ def substitute(command: str, inputs: Mapping[str, object], outputs: Mapping[str,
     return re.sub(r"\$\{\{(inputs|outputs)\.([A-Za-z0-9_]+)\}\}", one, command)
 
 
-def run_command(
-    command: str,
-    container: Path,
-    workdir: Path,
-    env: Mapping[str, str],
-    timeout: float = 900,
-) -> subprocess.CompletedProcess:
-    """Runs ``command`` as the node would: ``bash -c`` in ``workdir``, the container's
-    ``bin`` first on ``PATH``, the launcher's ``env`` and a private ``HOME``."""
+def _env(container: Path, workdir: Path, env: Mapping[str, str]) -> dict:
     home = workdir.parent / "home"
     home.mkdir(exist_ok=True)
     base = {
@@ -84,8 +76,29 @@ def run_command(
               "REQUESTS_CA_BUNDLE", "TMPDIR"):
         if k in os.environ:
             base[k] = os.environ[k]
+    return {**base, **env}
+
+
+def run_command(
+    command: str,
+    container: Path,
+    workdir: Path,
+    env: Mapping[str, str],
+    timeout: float = 900,
+) -> subprocess.CompletedProcess:
+    """Runs ``command`` as the node would: ``bash -c`` in ``workdir``, the container's
+    ``bin`` first on ``PATH``, the launcher's ``env`` and a private ``HOME``."""
     return subprocess.run(
-        ["bash", "-c", command], cwd=workdir, env={**base, **env}, capture_output=True, text=True, timeout=timeout
+        ["bash", "-c", command], cwd=workdir, env=_env(container, workdir, env), capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+def start_command(command: str, container: Path, workdir: Path, env: Mapping[str, str]) -> subprocess.Popen:
+    """:func:`run_command`, started and not waited for (one process of a data-parallel job)."""
+    return subprocess.Popen(
+        ["bash", "-c", command], cwd=workdir, env=_env(container, workdir, env),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
 

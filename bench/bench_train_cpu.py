@@ -391,7 +391,9 @@ def thread_env(threads: int, extra_pythonpath: str | None = None) -> dict:
         "TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
         "PYTHONUNBUFFERED": "1",
     })
-    if extra_pythonpath:  # appended: an installed ferrotune wins, the repo's python/ is the fallback
+    # The checkout's python/ only when it holds a built extension (a `maturin develop` tree);
+    # elsewhere (a wheel installed on a GPU machine) it would shadow the installed package.
+    if extra_pythonpath and list(Path(extra_pythonpath, "ferrotune").glob("_core*.so")):
         env["PYTHONPATH"] = os.pathsep.join([p for p in (env.get("PYTHONPATH"), extra_pythonpath) if p])
     return env
 

@@ -1,7 +1,7 @@
 """Benchmark: ferrotune LoRA training vs transformers + PEFT on one GPU (an H100), full-size
 Phi-3-mini dimensions with random weights, same rows, each contender in its own process.
 
-    python bench/gpu_train.py                          # Phi-3-mini dims, 4 x 2048 tokens per step
+    python bench/gpu_train.py                          # Phi-3-mini dims, 2 x 4096 tokens per step
     python bench/gpu_train.py --batch 2 --steps 20
     python bench/gpu_train.py --peer-only              # or --ferrotune-only
     python bench/gpu_train.py --phases step            # only full optimizer steps
@@ -16,9 +16,10 @@ is that long, so it changes nothing but the peer's mask path), random weights fr
 init made directly on the device in bfloat16 (`torch.manual_seed`, default dtype bf16 under
 `torch.device("cuda")`), saved as bf16 safetensors (7.6 GB) under
 bench/data/gpu_train/<dims>/ and reused by later runs with the same spec (--model-dir to move it).
-LoRA: r 8, alpha 128 (the Azure ML pipeline's / notebook's defaults; scale 16), dropout 0, on
+LoRA: r 16, alpha 128 (the CUDA training issue's target setting; scale 8), dropout 0, on
 qkv_proj / o_proj / gate_up_proj / down_proj; both tools start from the same PEFT adapter init.
-Data: packed rows of 2048 tokens (2-3 segments each), batch 4 rows (8192 tokens) per step.
+Data: packed rows of 4096 tokens (conversations of ~1.3k tokens, ultrachat's mean), batch 2
+rows (8192 tokens) per step.
 
 Peer: `Phi3ForCausalLM.from_pretrained(dtype=bfloat16, attn_implementation="sdpa",
 device_map="cuda")` + PEFT (adapter weights float32, PEFT's default), forward under
@@ -27,7 +28,8 @@ position_ids restarting per segment and no attention mask (transformers' packed-
 detection -> block-diagonal causal mask; `use_cache=False`), fused `torch.optim.AdamW` (HF
 Trainer's default `adamw_torch_fused`), `clip_grad_norm_(1.0)`.
 ferrotune: `LoraModel.load(..., device="cuda")` + `loss_and_grads` (phase fwd_bwd) and
-`finetune(device="cuda", precision="bf16")` (phase step).
+`finetune(device="cuda", precision="bf16")` (phase step), without gradient checkpointing unless
+its memory plan turns it on (it says so in its log).
 
 Reported per contender and phase: tokens/s (after --warmup steps), MFU, peak GPU memory as the
 device's used memory (NVML / nvidia-smi, minus what was in use before the process started; this
@@ -89,8 +91,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train_cpu as B  # noqa: E402
 
 ROOT = B.ROOT
-GPU_DEFAULTS = {"hidden": 3072, "layers": 32, "heads": 32, "intermediate": 8192, "vocab": 32064, "seq": 2048, "batch": 4,
-                "lora_r": 8, "lora_alpha": 128.0, "steps": 10, "warmup": 3, "threads": min(8, os.cpu_count() or 1)}
+GPU_DEFAULTS = {"hidden": 3072, "layers": 32, "heads": 32, "intermediate": 8192, "vocab": 32064, "seq": 4096, "batch": 2,
+                "lora_r": 16, "lora_alpha": 128.0, "steps": 10, "warmup": 3, "threads": min(8, os.cpu_count() or 1)}
 TINY = {"hidden": 128, "layers": 2, "heads": 4, "intermediate": 256, "seq": 128, "batch": 2, "steps": 2, "warmup": 1}
 H100_SXM_BF16_PEAK_TFLOPS = 989.4
 

@@ -105,9 +105,18 @@ pub enum Error {
     #[error("{0}")]
     Training(String),
 
-    /// A tensor computation failed (most often: out of memory on the GPU).
+    /// A tensor computation failed.
     #[error("tensor computation failed: {0}")]
     Compute(String),
+
+    /// The GPU ran out of memory (what was asked, what was free, what to change).
+    #[error("{0}")]
+    OutOfMemory(String),
+
+    /// No usable GPU: no driver, a driver too old, no such device, a GPU too old for this
+    /// build, a missing CUDA library, or a build without CUDA support.
+    #[error("{0}")]
+    GpuUnavailable(String),
 
     /// The operation was interrupted (Ctrl-C); nothing was left under a final name.
     #[error("interrupted")]

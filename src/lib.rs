@@ -4,6 +4,7 @@ pub mod data;
 pub mod error;
 pub mod generate;
 pub mod hub;
+pub mod kernels;
 pub mod model;
 pub mod progress;
 pub mod train;

@@ -13,18 +13,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# GPU runs compare float32 results with references: full f32 products, not TF32.
+os.environ.setdefault("FERROTUNE_TF32", "0")
 
 from tests.support import fakehub, synth  # noqa: E402
 
 PEER = ROOT / "tests" / "support" / "peer_download_dataset.py"
 REPO_ID = fakehub.ULTRACHAT_REPO_ID
-
-
-def pytest_configure(config) -> None:
-    config.addinivalue_line(
-        "markers",
-        "slow: builds the wheel or side virtualenvs (minutes on first use); leave out with -m 'not slow'",
-    )
 
 
 @pytest.fixture(scope="session")

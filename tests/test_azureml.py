@@ -601,7 +601,7 @@ def test_entities_round_trip_through_the_sdk(side_python, tmp_path):
     else:
         config.pop("checkpoint_dir"), config.pop("resume_from_checkpoint")
     assert config == {
-        "num_train_epochs": 3.0, "max_steps": -1, "learning_rate": 5e-6, "lr_scheduler_type": "cosine", "precision": "bf16",
+        "num_train_epochs": 3.0, "max_steps": -1, "learning_rate": 5e-6, "lr_scheduler_type": "cosine", "precision": "16",
         "save_total_limit": 1, "per_device_train_batch_size": 1, "target_modules": ["qkv_proj", "o_proj"],
         "output_dir": "ferrotune_work", "validation_file": str(tmp_path / "test_sft.jsonl"),
     }

@@ -161,8 +161,9 @@ def test_console_command_and_clear_cli_errors(hf_env, hub, tmp_path):
         env=env, capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode == 2
-    assert "error: split_pc must be a number" in bad.stderr
-    assert "Traceback" not in bad.stderr
+    assert bad.stderr.startswith("error: ") and "--dataset_split_pc" in bad.stderr and "'5.5.5'" in bad.stderr
+    assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+    assert not (tmp_path / "b").exists()
     missing = subprocess.run(
         [sys.executable, "-m", "ferrotune.cli", "download-dataset", "--dataset", "nobody/nothing", "--download_dir", str(tmp_path / "m"), "--quiet"],
         env=env, capture_output=True, text=True, timeout=120,

@@ -152,11 +152,13 @@ def test_two_processes_train_what_one_process_with_twice_the_accumulation_trains
     want_eval = [(e["step"], e["eval_loss"]) for e in one.eval]
     assert [s for s, _ in got_eval] == [s for s, _ in want_eval]
     np.testing.assert_allclose([v for _, v in got_eval], [v for _, v in want_eval], rtol=2e-5)
-    # the adapters agree to float32 summation order
+    # the adapters agree to float32 summation order (the ranks add their micro-batches'
+    # gradients in another order than one process does; AdamW's m / sqrt(v) turns a 1e-7
+    # difference of a near-zero gradient element into up to ~1e-4 of a parameter ~0.1)
     a, b = read_adapter(tmp_path / "one" / "adapter"), read_adapter(out / "adapter")
     assert sorted(a) == sorted(b)
     for k in a:
-        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-4, err_msg=k)
     assert np.any(b[sorted(b)[1]] != 0), "lora_B still zero: nothing was trained"
     # rank 0 alone wrote the checkpoints, the adapter and the summary; rank 1 left no scratch
     # copy of its tokenized data behind

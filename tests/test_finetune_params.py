@@ -77,7 +77,7 @@ PIPELINE_DEFAULTS = {
     "adam_beta2": 0.999,
     "adam_epsilon": 1e-8,
     "max_grad_norm": 1.0,
-    "precision": "32",
+    "precision": "auto",  # the pipeline says "32"; ferrotune defaults to the GPU's fast type (float32 on the CPU)
     "seed": 42,
     "evaluation_strategy": "epoch",
     "logging_steps": 10,
@@ -126,7 +126,7 @@ def test_notebook_parameters_map_with_a_note_per_deepspeed_key():
 
 def test_model_tag_strings_are_coerced():
     config, notes = cfg(**{**NOTEBOOK, **MODEL_TAGS})
-    assert config["precision"] == "bf16"
+    assert config["precision"] == "16"
     assert config["learning_rate"] == 5e-6
     assert config["save_total_limit"] == 1 and type(config["save_total_limit"]) is int
     assert config["num_train_epochs"] == 1.0
@@ -318,18 +318,20 @@ def test_unknown_scheduler_lists_the_supported_ones():
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("32", "32"), (32, "32"), ("fp32", "32"), ("float32", "32"), ("16", "bf16"), (16, "bf16"), (16.0, "bf16"),
-     ("bf16", "bf16"), ("BF16", "bf16"), ("bfloat16", "bf16")],
+    [("32", "32"), (32, "32"), ("fp32", "32"), ("float32", "32"), ("16", "16"), (16, "16"), (16.0, "16"),
+     ("bf16", "bf16"), ("BF16", "bf16"), ("bfloat16", "bf16"), ("fp16", "fp16"), ("float16", "fp16"),
+     ("auto", "auto")],
 )
 def test_precision_mapping(value, expected):
     config, notes = cfg(precision=value)
     assert config["precision"] == expected and notes == []
 
 
-def test_fp16_runs_as_bf16_with_a_note():
-    config, notes = cfg(precision="fp16")
-    assert config["precision"] == "bf16"
-    assert len(notes) == 1 and notes[0].startswith("precision:") and "bf16" in notes[0]
+def test_precision_defaults_to_auto_the_gpus_fast_type():
+    # the pipeline's default is "32"; ferrotune's is the fast, safe one on a GPU (bf16 where
+    # the GPU has it, fp16 with loss scaling before sm_80) and float32 on the CPU
+    config, notes = cfg()
+    assert config["precision"] == "auto" and notes == []
 
 
 @pytest.mark.parametrize("value", [False, "false", "0", 0])
@@ -795,7 +797,14 @@ def test_a_failing_callback_stops_training_with_its_error(monkeypatch):
         ferrotune.finetune("m", "t.jsonl", progress=False, report_to="none", callbacks=[cb])
 
 
-def test_cli_trains_and_prints_the_summary(fake_native, capsys):
+def _in_folder_with_train_file(tmp_path, monkeypatch) -> None:
+    # the command checks that --train-file exists before it starts
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.jsonl").write_text("")
+
+
+def test_cli_trains_and_prints_the_summary(fake_native, capsys, tmp_path, monkeypatch):
+    _in_folder_with_train_file(tmp_path, monkeypatch)
     assert cli.main(["finetune", *BASE_ARGS, "--num_train_epochs", "3", "--apply_deepspeed", "true",
                      "--progress", "none", "--report-to", "none"]) == 0
     out, err = capsys.readouterr()
@@ -803,7 +812,8 @@ def test_cli_trains_and_prints_the_summary(fake_native, capsys):
     assert fake_native.configs[0]["num_train_epochs"] == 3.0
 
 
-def test_cli_ctrl_c_exits_130(monkeypatch, capsys):
+def test_cli_ctrl_c_exits_130(monkeypatch, capsys, tmp_path):
+    _in_folder_with_train_file(tmp_path, monkeypatch)
     monkeypatch.setattr(_core, "finetune", FakeNative(raise_at_end=KeyboardInterrupt()), raising=False)
     assert cli.main(["finetune", *BASE_ARGS, "--progress", "none", "--report-to", "none"]) == 130
     assert "interrupted" in capsys.readouterr().err

@@ -70,11 +70,19 @@ def assert_same_as_reference(gen: Generator, ref, ps, max_new_tokens=NEW):
         assert reason == ("length" if len(ids) == max_new_tokens else "stop")
 
 
+#: the CPU, and the GPU code path (CUDA kernels, KV caches in device buffers) on the emulated
+#: GPU of test builds, in float32
+DEVICES = ["cpu"] + (["emu"] if ferrotune._core.gpu_emulator() else [])
+#: and a real GPU (`pytest -m gpu`; float32 products with TF32 off, see tests/conftest.py)
+DEVICES += [pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not ferrotune.cuda_available(), reason="no CUDA GPU")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "kind",
     ["plain", "gqa", "sliding_window", "longrope"],
 )
-def test_greedy_equals_transformers(root, base_dir, kind):
+def test_greedy_equals_transformers(root, base_dir, kind, device):
     if kind == "plain":
         folder, lengths = base_dir, (5, 17, 9)
     elif kind == "gqa":
@@ -86,7 +94,8 @@ def test_greedy_equals_transformers(root, base_dir, kind):
         # original_max_position_embeddings 64: the short factors for the prompt, the long ones
         # once the sequence passes 64 tokens (transformers switches per forward, as we do)
         folder, lengths = tp.make_tiny_phi3(root / "longrope", longrope=True, seed=6), (50, 70)
-    gen = Generator.load(folder, device="cpu", progress=False)
+    gen = Generator.load(folder, device=device, precision="32", progress=False)
+    assert gen.device == device
     assert_same_as_reference(gen, tp.load_reference(folder), prompts(1, lengths), max_new_tokens=30)
 
 

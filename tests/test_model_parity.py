@@ -115,10 +115,11 @@ def load_ft(model_dir, **kw):
     return LoraModel.load(str(model_dir), **kw)
 
 
-def make_pair(model_dir, *, r=8, alpha=16.0, targets=tp.DEFAULT_TARGETS, rslora=False, seed=0):
+def make_pair(model_dir, *, r=8, alpha=16.0, targets=tp.DEFAULT_TARGETS, rslora=False, seed=0, device="cpu"):
     """(ferrotune model, PEFT reference) holding the same random LoRA weights."""
     ref = tp.peft_model(tp.load_reference(model_dir), r, alpha, target_modules=targets, use_rslora=rslora, seed=seed)
-    ft = load_ft(model_dir, lora_r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=rslora)
+    ft = load_ft(model_dir, lora_r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=rslora,
+                 device=device, precision="32")
     ft.set_lora(tp.lora_state(ref))
     return ft, ref
 
@@ -287,14 +288,18 @@ GRAD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("path", ["hand-written", "autograd"])
+#: the CPU backend, and the GPU backend (CUDA kernels, cuBLAS-contract GEMMs) on the emulated
+#: GPU of test builds, in float32: the same tolerances against peft
+DEVICES = ["cpu"] + (["emu"] if ferrotune._core.gpu_emulator() else [])
+#: and a real GPU (`pytest -m gpu`; float32 with TF32 off, so the same tolerances hold)
+DEVICES += [pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not ferrotune.cuda_available(), reason="no CUDA GPU")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name, lora, lengths", GRAD_CASES)
-def test_loss_and_grads(dirs, name, lora, lengths, path, monkeypatch):
-    # On the CPU in float32 training runs the hand-written backward (model/layer_cpu.rs);
-    # FERROTUNE_AUTOGRAD=1 selects candle's autograd path, the one CUDA / bf16 training runs.
-    if path == "autograd":
-        monkeypatch.setenv("FERROTUNE_AUTOGRAD", "1")
-    ft, ref = make_pair(dirs(name), **lora)
+def test_loss_and_grads(dirs, name, lora, lengths, device):
+    # The layer's hand-written backward (model/layer.rs) on each backend.
+    ft, ref = make_pair(dirs(name), device=device, **lora)
     ids, labels = batch(lengths, seed=11)
     loss, n, grads = ft.loss_and_grads(ids, labels, list(lengths))
     ref_loss, ref_n, ref_grads = tp.ref_loss_and_grads(ref, ids, labels, list(lengths))
@@ -304,11 +309,9 @@ def test_loss_and_grads(dirs, name, lora, lengths, path, monkeypatch):
     assert_grads(grads, ref_grads)
 
 
-@pytest.mark.parametrize("path", ["hand-written", "autograd"])
-def test_recompute_gives_same_gradients(base_dir, path, monkeypatch):
-    if path == "autograd":
-        monkeypatch.setenv("FERROTUNE_AUTOGRAD", "1")
-    ft, _ = make_pair(base_dir)
+@pytest.mark.parametrize("device", DEVICES)
+def test_recompute_gives_same_gradients(base_dir, device):
+    ft, _ = make_pair(base_dir, device=device)
     lengths = [30, 1, 45]
     ids, labels = batch(lengths, seed=12)
     loss0, n0, g0 = ft.loss_and_grads(ids, labels, lengths, recompute=False)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+import numpy as np
+
 from . import _core
 from ._progress import make_renderer
 from .exceptions import InvalidArgumentError
 
-__all__ = ["Generator", "Completion", "as_conversations"]
+__all__ = ["Generator", "Completion", "as_conversations", "check_parameters"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 Message = Mapping[str, Any]
@@ -30,6 +34,81 @@ class Completion:
     finish_reason: str
     #: tokens in the prompt
     prompt_tokens: int
+
+
+_U64_LIMIT = 2**64
+_MAX_INDEX = sys.maxsize  # the native side counts tokens in usize
+
+
+#: the generation parameters, in transformers' order
+PARAMETERS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
+
+
+def _is_bool(x: Any) -> bool:
+    return isinstance(x, (bool, np.bool_))
+
+
+def _integer(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not _is_bool(x)
+
+
+def _real(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not _is_bool(x) and math.isfinite(x)
+
+
+def check_parameters(
+    max_new_tokens: Any = 256,
+    do_sample: Any = False,
+    temperature: Any = 1.0,
+    top_p: Any = 1.0,
+    top_k: Any = 50,
+    repetition_penalty: Any = 1.0,
+    seed: Any = None,
+    *,
+    name: Callable[[str], str] = lambda p: p,
+) -> dict:
+    """Checks generation parameters against transformers' ranges and returns them as plain
+    ``int`` / ``float`` / ``bool``: ``max_new_tokens`` an integer >= 1, ``temperature`` a
+    number >= 0 (> 0 when sampling; 0 is a common spelling of greedy decoding, where
+    temperature plays no part), ``0 < top_p <= 1``, ``top_k`` an integer >= 0 (0 = off),
+    ``repetition_penalty`` > 0, ``seed`` ``None`` or an integer in ``[0, 2**64)``. Every
+    value is checked whether or not ``do_sample`` uses it.
+
+    ``name`` maps a parameter's name to the one the message shows (a command-line flag).
+
+    Raises:
+        InvalidArgumentError: naming the parameter, its valid range and the value given.
+    """
+
+    def bad(param: str, expected: str, value: Any) -> InvalidArgumentError:
+        return InvalidArgumentError(f"{name(param)} must be {expected}, got {value!r}")
+
+    if not _integer(max_new_tokens) or not 1 <= max_new_tokens <= _MAX_INDEX:
+        raise bad("max_new_tokens", "an integer >= 1", max_new_tokens)
+    if not _is_bool(do_sample):
+        raise bad("do_sample", "True or False", do_sample)
+    do_sample = bool(do_sample)
+    if not _real(temperature) or temperature < 0:
+        raise bad("temperature", "a number > 0 (or 0 for greedy decoding)", temperature)
+    if do_sample and temperature == 0:
+        raise bad("temperature", "a number > 0 when sampling (for greedy decoding leave sampling off)", temperature)
+    if not _real(top_p) or not 0 < top_p <= 1:
+        raise bad("top_p", "a number in (0, 1]", top_p)
+    if not _integer(top_k) or not 0 <= top_k <= _MAX_INDEX:
+        raise bad("top_k", "an integer >= 0 (0 turns it off)", top_k)
+    if not _real(repetition_penalty) or repetition_penalty <= 0:
+        raise bad("repetition_penalty", "a number > 0 (1 = no penalty)", repetition_penalty)
+    if seed is not None and (not _integer(seed) or not 0 <= seed < _U64_LIMIT):
+        raise bad("seed", "an integer in [0, 2**64) or None", seed)
+    return dict(
+        max_new_tokens=int(max_new_tokens),
+        do_sample=do_sample,
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=int(top_k),
+        repetition_penalty=float(repetition_penalty),
+        seed=None if seed is None else int(seed),
+    )
 
 
 def _is_message(x: Any) -> bool:
@@ -131,6 +210,7 @@ class Generator:
         ``stream=True`` prints the reply as it forms (one conversation); a callable
         ``stream(index, text_piece)`` receives the pieces of every conversation.
         """
+        params = check_parameters(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty, seed)
         convs, _ = as_conversations(conversations)
         on_text = self._stream_callback(stream, len(convs))
         renderer = make_renderer(progress)
@@ -144,13 +224,7 @@ class Generator:
 
         out = self._native.generate(
             convs,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
+            **params,
             stream=on_text is not None,
             progress=events if (on_text is not None or renderer is not None) else None,
         )
@@ -169,7 +243,11 @@ class Generator:
         """The same loop on token ids: ``[(new_ids, finish_reason), ...]`` per prompt."""
         kwargs.pop("stream", None)
         progress = make_renderer(kwargs.pop("progress", False))
-        return self._native.generate_ids([list(map(int, p)) for p in prompts], progress=progress, **kwargs)
+        unknown = sorted(set(kwargs) - set(PARAMETERS))
+        if unknown:
+            raise InvalidArgumentError(f"generate_ids() got unknown parameters: {', '.join(unknown)}")
+        params = check_parameters(**kwargs)
+        return self._native.generate_ids([list(map(int, p)) for p in prompts], progress=progress, **params)
 
     @staticmethod
     def _stream_callback(stream: Any, n: int) -> Optional[StreamCallback]:

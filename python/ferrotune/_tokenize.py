@@ -11,6 +11,8 @@ import numpy as np
 
 from . import _core
 from ._progress import make_renderer
+from ._text import plural
+from .exceptions import InvalidArgumentError
 
 __all__ = ["ChatTokenizer", "TokenizeStats", "TokenizedDataset", "tokenize_dataset", "load_tokenized"]
 
@@ -48,11 +50,19 @@ class TokenizeStats:
     def summary(self) -> str:
         dropped = ", ".join(f"{k} {v}" for k, v in self.dropped.items() if v) or "none"
         return (
-            f"{self.rows_in} rows read, {self.rows_out} conversations kept (dropped: {dropped}; "
-            f"{self.truncated} truncated to {self.max_seq_length}); {self.total_tokens} tokens, "
-            f"{self.trainable_tokens} trainable; {self.rows_written} rows written, "
+            f"{plural(self.rows_in, 'row')} read, {plural(self.rows_out, 'conversation')} kept (dropped: {dropped}; "
+            f"{self.truncated} truncated to {self.max_seq_length}); {plural(self.total_tokens, 'token')}, "
+            f"{self.trainable_tokens} trainable; {plural(self.rows_written, 'row')} written, "
             f"{100 * self.packing_efficiency:.1f}% of token slots used -> {self.output}"
         )
+
+
+def _count(name: str, value: Any, lo: int, optional: bool = True) -> Optional[int]:
+    if value is None and optional:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < lo:
+        raise InvalidArgumentError(f"{name} must be an integer >= {lo}{' or None' if optional else ''}, got {value!r}")
+    return int(value)
 
 
 def _paths(data_files: Union[PathLike, Sequence[PathLike]]) -> list:
@@ -115,12 +125,12 @@ def tokenize_dataset(
         tokenizer if isinstance(tokenizer, _core.ChatTokenizer) else os.fspath(tokenizer),
         _paths(data_files),
         os.fspath(output),
-        max_seq_length=max_seq_length,
+        max_seq_length=_count("max_seq_length", max_seq_length, 1),
         mode=mode,
         train_on=train_on,
         strict=bool(strict),
-        num_threads=num_threads,
-        pack_window=pack_window,
+        num_threads=_count("num_threads", num_threads, 0),
+        pack_window=_count("pack_window", pack_window, 1, optional=False),
         revision=revision,
         token=token,
         progress=make_renderer(progress),

@@ -28,7 +28,7 @@ import tempfile
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 SAMPLE_REPO = "ferrotune/ultrachat_sample"
 #: a fixed commit id for the bundled snapshot
@@ -112,16 +112,62 @@ DEMO_PARAMETERS = dict(
 )
 
 
+DESCRIPTION = (
+    "The notebook's whole flow on an embedded default, offline on the CPU in about a minute: download 25% of a "
+    "bundled ultrachat_200k-schema sample, tokenize and pack train_sft with the bundled Phi-3 tokenizer, "
+    "fine-tune LoRA adapters on a tiny random Phi-3, merge, generate, package an MLflow model folder and score "
+    "the notebook's request through its score.py. --model / --dataset run the same steps on the real thing."
+)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", default=None, help="where to put the demo's cache and outputs (default: a temp folder)")
-    p.add_argument("--split-pc", default=None,
-                   help="percentage of each split to keep (default 25 of the 200-row bundled sample; 5 with --dataset, as in the notebook)")
-    p.add_argument("--max-seq-length", type=int, default=1024, help="packed row length (default 1024)")
-    p.add_argument("--model", default=None, help="a Phi-3 model (Hub id or folder) instead of the tiny random one; needs network for a Hub id")
-    p.add_argument("--dataset", default=None, help="a Hub dataset (e.g. HuggingFaceH4/ultrachat_200k) instead of the bundled sample; needs network")
-    p.add_argument("--max-steps", type=int, default=None, help="stop training after this many optimizer steps")
+    from ._cli_errors import at_least, split_pc
+
+    p.add_argument("--workdir", default=None, help="where to put the demo's cache and outputs (default: a new temp folder)")
+    p.add_argument("--split-pc", "--split_pc", dest="split_pc", type=split_pc, default=None,
+                   help="percentage of each split to keep, 0 < N <= 100 (default 25 of the 200-row bundled sample; "
+                        "5 with --dataset, as in the notebook)")
+    p.add_argument("--max-seq-length", "--max_seq_length", dest="max_seq_length", type=at_least(1), default=1024,
+                   help="packed row length in tokens, >= 1 (default 1024)")
+    p.add_argument("--model", default=None,
+                   help="a Phi-3 model (Hub id or folder) instead of the tiny random one; needs network for a Hub id")
+    p.add_argument("--dataset", default=None,
+                   help="a Hub dataset (e.g. HuggingFaceH4/ultrachat_200k) instead of the bundled sample; needs network")
+    p.add_argument("--max-steps", "--max_steps", dest="max_steps", type=at_least(1), default=None,
+                   help="stop training after this many optimizer steps, >= 1 (default: whole epochs, 3; 1 with --model)")
     p.add_argument("--device", default="auto", help="auto (GPU when available), cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _params(args: argparse.Namespace) -> dict:
+    """The finetune parameters the demo trains with."""
+    if args.model is None:
+        params = dict(DEMO_PARAMETERS)
+    else:
+        # the notebook's own parameters for a real model
+        params = dict(num_train_epochs=1, learning_rate=5e-6, lr_scheduler_type="cosine", apply_lora="true",
+                      logging_steps=5, evaluation_strategy="epoch")
+    params["max_seq_length"] = args.max_seq_length
+    if args.max_steps is not None:
+        params["max_steps"] = args.max_steps
+    return params
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Checks the command line before any work (nothing is created when it fails);
+    raises ``InvalidArgumentError``."""
+    from . import _cli_errors as c
+    from .exceptions import InvalidArgumentError
+    from .finetune import build_config
+
+    if args.workdir is not None:
+        c.output_dir("--workdir", args.workdir)
+    if args.model is not None:
+        c.model_source("--model", args.model)
+    if args.dataset is not None and not args.dataset.strip():
+        raise InvalidArgumentError("--dataset is empty; expected a Hub dataset repo id, e.g. HuggingFaceH4/ultrachat_200k")
+    # the training parameters and --device, checked as finetune will check them
+    build_config(args.model or "model", "train.jsonl", None, "outputs", {**_params(args), "device": args.device})
 
 
 class _Env:
@@ -172,19 +218,27 @@ def _load_score_py(model_dir: Path):
 def run(args: argparse.Namespace) -> int:
     from . import _cli_errors
 
-    _, status = _cli_errors.call(lambda: _run(args))
+    progress = _cli_errors.renderer(not args.quiet)
+
+    def go() -> dict:
+        check_args(args)
+        return _run(args, progress)
+
+    _, status = _cli_errors.call(go, progress)
     return status
 
 
-def _run(args: argparse.Namespace) -> dict:
+def _run(args: argparse.Namespace, progress: Any = True) -> dict:
     from ._core import create_random_model
     from ._download import download_dataset
     from ._generate import Generator
+    from ._text import plural
     from ._tokenize import tokenize_dataset
+    from .download_dataset import empty_splits_warning
+    from .exceptions import DatasetError, FerrotuneError
     from .finetune import finetune
     from .packaging import package_model
 
-    progress = not args.quiet
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="ferrotune-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     bundled = args.dataset is None
@@ -214,9 +268,15 @@ def _run(args: argparse.Namespace) -> dict:
         t0 = step(1, f"download-dataset --dataset {repo} --dataset_split_pc {split_pc} --download_dir {data_dir}")
         result = download_dataset(repo, data_dir, split_pc=split_pc, format="both", progress=progress)
         for s in result.values():
-            print(f"    {s.split:<10} {s.rows:>5} of {s.total_rows:>6} rows -> {s.paths['jsonl']}")
+            print(f"    {s.split:<10} {s.rows:>5} of {plural(s.total_rows, 'row'):>10} -> {s.paths['jsonl']}")
         print(f"    done in {time.perf_counter() - t0:.2f} s")
-        train_file = result["train_sft"].paths["jsonl"] if "train_sft" in result else next(iter(result.values())).paths["jsonl"]
+        warning = empty_splits_warning(result, split_pc, "--split-pc")
+        if warning:
+            print(warning, file=sys.stderr)
+        train = result["train_sft"] if "train_sft" in result else next(iter(result.values()))
+        if train.rows == 0:
+            raise DatasetError(f"--split-pc {split_pc} keeps no rows of {train.split} to train on; use a larger --split-pc")
+        train_file = train.paths["jsonl"]
         summary["data"] = {k: v.paths["jsonl"] for k, v in result.items()}
 
         tokenizer = str(resources.files("ferrotune") / "_sample" / "phi3-tokenizer") if args.model is None else args.model
@@ -230,16 +290,10 @@ def _run(args: argparse.Namespace) -> dict:
             t0 = step(3, "model: a tiny random Phi-3 (the Phi-3 architecture and tokenizer, 2 layers, hidden 128)")
             model = create_random_model(str(work / "tiny-phi3"), DEMO_MODEL, seed=0, tokenizer=tokenizer)
             print(f"    -> {model}")
-            params = dict(DEMO_PARAMETERS)
         else:
             t0 = step(3, f"model: {args.model}")
             model = args.model
-            # the notebook's own parameters for a real model
-            params = dict(num_train_epochs=1, learning_rate=5e-6, lr_scheduler_type="cosine", apply_lora="true",
-                          logging_steps=5, evaluation_strategy="epoch", max_seq_length=args.max_seq_length)
-        params["max_seq_length"] = args.max_seq_length
-        if args.max_steps is not None:
-            params["max_steps"] = args.max_steps
+        params = _params(args)
 
         outputs = work / "outputs"
         t0 = step(4, f"finetune (LoRA) on {Path(train_file).name} -> {outputs}")
@@ -258,7 +312,7 @@ def _run(args: argparse.Namespace) -> dict:
             "tokens_per_second": res.tokens_per_second,
         }
         if not res.merged_dir:
-            raise RuntimeError("finetune wrote no merged model")
+            raise FerrotuneError("finetune wrote no merged model")
 
         question = next(
             (m for m in _first_line(summary["data"].get("test_sft", train_file))["messages"] if m["role"] == "user"),
@@ -294,7 +348,7 @@ def _run(args: argparse.Namespace) -> dict:
         print(f"    HTTP {status}: {json.dumps(response)[:200]}")
         summary["score"] = {"status": status, "response": response}
         if status != 200:
-            raise RuntimeError(f"the packaged score.py answered {status}: {response}")
+            raise FerrotuneError(f"the packaged score.py answered {status}: {response}")
 
     summary["seconds"] = round(time.perf_counter() - t_start, 2)
     (work / "demo_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
@@ -304,9 +358,11 @@ def _run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Optional[list] = None) -> int:
-    p = argparse.ArgumentParser(prog="ferrotune demo")
+    from . import _cli_errors
+
+    p = _cli_errors.Parser(prog="python -m ferrotune.demo", description=DESCRIPTION)
     add_arguments(p)
-    return run(p.parse_args(argv))
+    return run(_cli_errors.parse_args(p, argv))
 
 
 if __name__ == "__main__":

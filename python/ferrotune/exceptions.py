@@ -27,6 +27,8 @@ __all__ = [
     "ModelError",
     "TrainingError",
     "ComputeError",
+    "OutOfMemoryError",
+    "GpuUnavailableError",
     "FerrotuneIOError",
     "FerrotuneFileNotFoundError",
     "FerrotunePermissionError",
@@ -108,7 +110,16 @@ class TrainingError(FerrotuneError):
 
 
 class ComputeError(FerrotuneError):
-    """A tensor computation failed, most often for lack of GPU memory."""
+    """A tensor computation failed."""
+
+
+class OutOfMemoryError(ComputeError, MemoryError):
+    """The GPU ran out of memory; the message says how much was asked and what to lower."""
+
+
+class GpuUnavailableError(FerrotuneError, RuntimeError):
+    """No usable GPU: no NVIDIA driver, a driver too old, no such device, a GPU too old, a
+    missing CUDA library (the message names the pip package), or a CPU-only build."""
 
 
 class FerrotuneIOError(FerrotuneError, OSError):

@@ -29,6 +29,7 @@ import numpy as np
 
 from . import _core
 from ._progress import LineRenderer, TqdmRenderer, make_renderer
+from ._text import plural
 from .exceptions import FerrotuneError, InvalidArgumentError
 
 __all__ = ["finetune", "FinetuneResult", "build_config", "DEFAULTS", "PARAMETER_NAMES"]
@@ -53,7 +54,9 @@ DEFAULT_TARGET_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 #: The native config's defaults. Where Azure ML's chat_completion_pipeline has the same
 #: parameter, this is the pipeline's default (num_train_epochs 1, learning_rate 2e-5,
 #: lora_r 8, lora_alpha 128, logging_steps 10, save_total_limit -1, evaluation_strategy
-#: "epoch", precision "32", ...). ``save_steps`` is left to the core unless given.
+#: "epoch", ...). ``save_steps`` is left to the core unless given. One deliberate
+#: difference: ``precision`` defaults to "auto" (the pipeline's "32"), which is float32 on
+#: the CPU and the GPU's fast 16-bit type on a GPU.
 DEFAULTS: dict = {
     "num_train_epochs": 1.0,
     "max_steps": -1,
@@ -76,7 +79,7 @@ DEFAULTS: dict = {
     "target_modules": list(DEFAULT_TARGET_MODULES),
     "use_rslora": False,
     "merge_lora_weights": True,
-    "precision": "32",
+    "precision": "auto",
     "seed": 42,
     "logging_steps": 10,
     "evaluation_strategy": "epoch",
@@ -237,21 +240,30 @@ def _parse_scheduler(name: str, v: Any, notes: list) -> str:
     return _as_choice(name, v, SCHEDULERS)
 
 
+_PRECISION_HELP = (
+    '"auto" (default: bfloat16 on GPUs that have it, float16 with loss scaling on older ones, '
+    'float32 on the CPU), "16" (the same on a GPU), "bf16", "fp16", or "32" (float32; TF32 '
+    "tensor-core products on a GPU)"
+)
+
+
 def _parse_precision(name: str, v: Any, notes: list) -> str:
-    expected = '"32" (float32) or "16"/"bf16" (bfloat16 mixed precision)'
     if _is_bool(v):
-        raise _bad(name, v, expected)
+        raise _bad(name, v, _PRECISION_HELP)
     s = v.strip().lower() if isinstance(v, str) else v
     if isinstance(s, numbers.Real) and not isinstance(s, numbers.Integral) and float(s).is_integer():
         s = int(s)
     if s in (32, "32", "fp32", "float32"):
         return "32"
-    if s in (16, "16", "bf16", "bfloat16"):
+    if s in (16, "16"):
+        return "16"
+    if s in ("bf16", "bfloat16"):
         return "bf16"
     if s in ("fp16", "float16", "half"):
-        notes.append(f"{name}: ferrotune's 16-bit training is bfloat16 mixed precision; using bf16 for {v!r}")
-        return "bf16"
-    raise _bad(name, v, expected)
+        return "fp16"
+    if s == "auto":
+        return "auto"
+    raise _bad(name, v, _PRECISION_HELP)
 
 
 def _parse_target_modules(name: str, v: Any, notes: list) -> list:
@@ -301,8 +313,15 @@ def _parse_token(name: str, v: Any, notes: list) -> Optional[str]:
 
 
 def _parse_device(name: str, v: Any, notes: list) -> str:
-    if isinstance(v, str) and v.strip().lower() == "gpu":
-        return "cuda"
+    if isinstance(v, str):
+        s = v.strip().lower()
+        if s == "gpu":
+            return "cuda"
+        if re.fullmatch(r"cuda:\d+", s):
+            return s
+        # the emulated GPU of test builds (the `gpu-emu` cargo feature)
+        if s in ("emu", "emu-sm70") and _core.gpu_emulator():
+            return s
     return _as_choice(name, v, ("auto", "cpu", "cuda"))
 
 
@@ -409,7 +428,7 @@ _PARAMS: dict[str, _Param] = {
     "target_modules": _Param("list", _parse_target_modules, "LoRA targets, comma-separated (default: all four Phi-3 linears)"),
     "use_rslora": _bool_param("rank-stabilized LoRA scale alpha/sqrt(r)"),
     "merge_lora_weights": _bool_param("also save the merged model in output_dir/merged"),
-    "precision": _Param("str", _parse_precision, '"32" (float32) or "16"/"bf16" (bfloat16 mixed precision)'),
+    "precision": _Param("str", _parse_precision, _PRECISION_HELP),
     "seed": _int_param(0, "random seed (LoRA init, shuffling, dropout)"),
     "logging_steps": _int_param(1, "log metrics every this many optimizer steps"),
     "evaluation_strategy": _choice_param(("no", "steps", "epoch"), "when to evaluate: no, steps, epoch"),
@@ -821,7 +840,7 @@ class FinetuneResult:
     def summary(self) -> str:
         """One paragraph: steps, time, throughput, loss, best evaluation, outputs."""
         text = (
-            f"Trained {self.global_step} optimizer steps ({self.epochs:g} epoch{'' if self.epochs == 1 else 's'}) "
+            f"Trained {plural(self.global_step, 'optimizer step')} ({self.epochs:g} epoch{'' if self.epochs == 1 else 's'}) "
             f"in {_duration(self.train_seconds)}{f' on {self.device}' if self.device else ''}: "
             f"{self.train_tokens:,} tokens, {self.tokens_per_second:,.0f} tokens/s"
         )

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .exceptions import InvalidArgumentError
@@ -81,10 +83,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         group.add_argument(*_flags(name), **kw)
 
 
+DESCRIPTION = (
+    "LoRA fine-tuning of Phi-3 on chat conversations, with the Azure ML pipeline's parameter names and "
+    "defaults: --params-json (e.g. the notebook's finetune_parameters), --param NAME=VALUE, or one flag per "
+    "parameter in either spelling (--num-train-epochs 3 or --num_train_epochs 3); later ones win. Writes "
+    "checkpoint-*/, adapter/ (PEFT), merged/ and train_summary.json into --output-dir."
+)
+
+
 def build_parser(prog: str = "ferrotune finetune") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="LoRA fine-tuning of Phi-3 on chat conversations.", allow_abbrev=False)
+    from ._cli_errors import Parser
+
+    p = Parser(prog=prog, description=DESCRIPTION, allow_abbrev=False)
     add_arguments(p)
     return p
+
+
+#: what makes a failed run's output folder worth keeping
+_USEFUL = ("adapter", "merged", "train_summary.json")
+
+
+def _useful(output_dir: Path) -> bool:
+    return any((output_dir / name).exists() for name in _USEFUL) or any(output_dir.glob("checkpoint-*"))
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Checks the paths of the command line before any work; raises ``InvalidArgumentError``."""
+    from . import _cli_errors as c
+
+    c.model_source("--model", args.model)
+    c.input_file("--train-file", args.train_file)
+    if args.validation_file is not None:
+        c.input_file("--validation-file", args.validation_file)
+    c.output_dir("--output-dir", args.output_dir)
+    if isinstance(args.resume, str) and args.resume.strip().lower() not in ("true", "false", "1", "0", ""):
+        if not Path(args.resume).is_dir():
+            raise InvalidArgumentError(f"--resume {args.resume}: no such checkpoint folder")
 
 
 def _load_params_json(text: str) -> dict:
@@ -133,30 +167,40 @@ def config_from_args(argv: Sequence[str]) -> tuple[dict, list]:
     """``(config, notes)`` for a command line, exactly as ``ferrotune finetune`` would train."""
     from .finetune import build_config
 
-    args = build_parser().parse_args(list(argv))
+    from ._cli_errors import parse_args
+
+    args = parse_args(build_parser(), list(argv))
     return build_config(args.model, args.train_file, args.validation_file, args.output_dir, params_from_args(args))
 
 
 def run(args: argparse.Namespace) -> int:
     from . import _cli_errors
-    from .finetune import build_config, finetune
+    from .finetune import build_config, distributed_from_env, finetune
+
+    progress = _cli_errors.renderer(False if args.progress == "none" else args.progress)
 
     def go() -> Any:
         params = params_from_args(args)
         # Checked here first so that a name like "model" or "report_to" in --params-json is
         # an error, not a keyword that collides with finetune()'s own arguments.
         build_config(args.model, args.train_file, args.validation_file, args.output_dir, params)
-        return finetune(
-            args.model,
-            args.train_file,
-            args.validation_file,
-            args.output_dir,
-            progress=False if args.progress == "none" else args.progress,
-            report_to=args.report_to,
-            **params,
-        )
+        check_args(args)
+        group = distributed_from_env()
+        # rank 0 owns the output folder; a failed run leaves none behind that it created
+        # and that holds no checkpoint, adapter or merged model
+        cleanup = _cli_errors.remove_if_failed(args.output_dir, keep=_useful) if not group or group["rank"] == 0 else nullcontext()
+        with cleanup:
+            return finetune(
+                args.model,
+                args.train_file,
+                args.validation_file,
+                args.output_dir,
+                progress=progress,
+                report_to=args.report_to,
+                **params,
+            )
 
-    result, status = _cli_errors.call(go)
+    result, status = _cli_errors.call(go, progress)
     if status:
         return status
     print(result.summary())
@@ -164,7 +208,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run(build_parser(prog="python -m ferrotune.finetune_cli").parse_args(argv))
+    from ._cli_errors import parse_args
+
+    return run(parse_args(build_parser(prog="python -m ferrotune.finetune_cli"), argv))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,14 +30,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="progress display (auto: bars in a terminal, lines in logs)")
 
 
+DESCRIPTION = (
+    "Package a fine-tuned model as an MLflow model folder for Azure ML registration and serving: MLmodel, "
+    "conda.yaml / requirements.txt pinning ferrotune, the model and tokenizer, and a score.py for a custom "
+    "deployment. The folder is built under a temporary name and renamed into place."
+)
+
+
 def build_parser(prog: str = "ferrotune package") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Package a fine-tuned model as an MLflow model folder (Azure ML registration and serving).",
-        allow_abbrev=False,
-    )
+    from ._cli_errors import Parser
+
+    p = Parser(prog=prog, description=DESCRIPTION, allow_abbrev=False)
     add_arguments(p)
     return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Checks the command line before any work; raises ``InvalidArgumentError``."""
+    from . import _cli_errors as c
+    from .exceptions import InvalidArgumentError
+
+    src = Path(args.trained_dir)
+    if not src.exists():
+        raise InvalidArgumentError(f"TRAINED_DIR {args.trained_dir}: no such folder")
+    if not src.is_dir():
+        raise InvalidArgumentError(f"TRAINED_DIR {args.trained_dir}: is a file; expected a fine-tuning output, model or MLflow model folder")
+    c.output_dir("OUT_DIR", args.out_dir)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,15 +72,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"rank {group['rank']} of {group['world_size']}: packaging is rank 0's job; nothing to do", file=sys.stderr)
         return 0
 
-    out, status = _cli_errors.call(
-        lambda: package_model(
+    progress = _cli_errors.renderer(False if args.progress == "none" else args.progress)
+
+    def go() -> Any:
+        check_args(args)
+        return package_model(
             args.trained_dir,
             args.out_dir,
             ferrotune_requirement=args.ferrotune_requirement,
             overwrite=args.overwrite,
-            progress=False if args.progress == "none" else args.progress,
+            progress=progress,
         )
-    )
+
+    out, status = _cli_errors.call(go, progress)
     if status:
         return status
     print(out)
@@ -69,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run(build_parser(prog="python -m ferrotune.package_cli").parse_args(argv))
+    from ._cli_errors import parse_args
+
+    return run(parse_args(build_parser(prog="python -m ferrotune.package_cli"), argv))
 
 
 if __name__ == "__main__":

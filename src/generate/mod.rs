@@ -11,13 +11,14 @@ pub mod stream;
 
 use std::path::Path;
 
-use candle_core::{DType, Device};
+use std::sync::Arc;
+
 use serde::Serialize;
 
 use crate::chat::{ChatTokenizer, Message};
 use crate::error::{Error, Result};
 use crate::hub::HubClient;
-use crate::model::phi3::SeqCache;
+use crate::kernels::{Backend, KvCache};
 use crate::model::{self, Phi3};
 use crate::progress::Ctx;
 pub use sampling::{GenerateParams, Sampler};
@@ -70,8 +71,7 @@ impl Generator {
     pub fn load(
         model: &str,
         adapter: Option<&Path>,
-        device: &Device,
-        dtype: DType,
+        be: Arc<dyn Backend>,
         token: Option<String>,
         ctx: &Ctx,
     ) -> Result<Self> {
@@ -89,11 +89,11 @@ impl Generator {
         let phi3 = match adapter {
             Some(dir) => {
                 let cfg = model::export::read_adapter_config(dir)?;
-                let m = Phi3::load(&folder, cfg, 0, device, dtype)?;
+                let m = Phi3::load(&folder, cfg, 0, be)?;
                 m.load_adapter(dir)?;
                 m
             }
-            None => Phi3::load_frozen(&folder, device, dtype)?,
+            None => Phi3::load_frozen(&folder, be)?,
         };
         Self::new(phi3, tokenizer)
     }
@@ -280,7 +280,7 @@ impl Generator {
         let cache_capacity = |i: usize| (prompts[i].len() + params.max_new_tokens).min(max_ctx);
         let mut caches: Vec<_> = (0..prompts.len())
             .map(|i| self.model.new_cache(cache_capacity(i)))
-            .collect();
+            .collect::<Result<_>>()?;
         // Prefill: every prompt in one packed forward.
         let mut active: Vec<usize> = (0..prompts.len()).collect();
         let mut step_ids: Vec<u32> = prompts.concat();
@@ -290,14 +290,13 @@ impl Generator {
             ctx.check()?;
             let b = self.model.batch_after(&step_ids, &lens, &past)?;
             // `active` is ascending: pick the active caches in order.
-            let mut running: Vec<&mut SeqCache> = caches
+            let mut running: Vec<&mut KvCache> = caches
                 .iter_mut()
                 .enumerate()
                 .filter(|(i, _)| active.binary_search(i).is_ok())
                 .map(|(_, c)| c)
                 .collect();
             let logits = self.model.forward_cached(&b, &mut running)?;
-            let logits: Vec<Vec<f32>> = logits.to_device(&Device::Cpu)?.to_vec2()?;
             let mut next_active = Vec::with_capacity(active.len());
             step_ids.clear();
             lens.clear();
@@ -320,7 +319,7 @@ impl Generator {
                 if self.crosses_long_rope(cached) {
                     // LongRoPE switches to its long factors here: like transformers' Phi-3,
                     // drop the cache and run the whole sequence again with them.
-                    caches[i] = self.model.new_cache(cache_capacity(i));
+                    caches[i] = self.model.new_cache(cache_capacity(i))?;
                     step_ids.extend_from_slice(&prompts[i]);
                     step_ids.extend_from_slice(&out[i].0);
                     lens.push(prompts[i].len() + out[i].0.len());

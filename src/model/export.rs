@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::{Dtype as StDtype, TensorView};
 
 use super::lora::LoraConfig;
@@ -181,20 +181,25 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
 }
 
 impl Phi3 {
-    /// The adapter tensors by PEFT name, f32 on the model's device.
-    pub fn lora_state(&self) -> Vec<(String, Tensor)> {
-        self.lora_params()
+    /// The adapter tensors by PEFT name, f32 on the host.
+    pub fn lora_state(&self) -> Result<Vec<(String, Tensor)>> {
+        let v = self.lora_values()?;
+        self.lora_layout()
             .into_iter()
-            .map(|(n, v)| (n, v.as_detached_tensor()))
+            .map(|(name, shape, off)| {
+                let n: usize = shape.iter().product();
+                let t = Tensor::from_vec(v[off..off + n].to_vec(), shape, &Device::Cpu)?;
+                Ok((name, t))
+            })
             .collect()
     }
 
     /// Sets adapter tensors by PEFT name; every name must be known, shapes must match and
     /// with `complete` every adapter tensor must be given.
     pub fn set_lora_state(&self, state: &HashMap<String, Tensor>, complete: bool) -> Result<()> {
-        let params = self.lora_params();
-        let known: HashMap<&str, &candle_core::Var> =
-            params.iter().map(|(n, v)| (n.as_str(), *v)).collect();
+        let layout = self.lora_layout();
+        let known: HashMap<&str, &Vec<usize>> =
+            layout.iter().map(|(n, s, _)| (n.as_str(), s)).collect();
         for name in state.keys() {
             if !known.contains_key(name.as_str()) {
                 let mut names: Vec<&str> = known.keys().copied().collect();
@@ -206,13 +211,13 @@ impl Phi3 {
             }
         }
         // Check everything before changing anything: a failed call leaves the adapters as they were.
-        for (name, var) in &params {
+        for (name, shape, _) in &layout {
             match state.get(name) {
-                Some(t) if t.dims() != var.dims() => {
+                Some(t) if t.dims() != shape.as_slice() => {
                     return Err(Error::InvalidArgument(format!(
                         "adapter tensor '{name}' has shape {:?}, expected {:?}",
                         t.dims(),
-                        var.dims()
+                        shape
                     )))
                 }
                 None if complete => {
@@ -223,12 +228,18 @@ impl Phi3 {
                 _ => {}
             }
         }
-        for (name, var) in &params {
+        let mut v = self.lora_values()?;
+        for (name, _, off) in &layout {
             if let Some(t) = state.get(name) {
-                var.set(&t.to_dtype(DType::F32)?.to_device(var.device())?)?;
+                let vals = t
+                    .to_device(&Device::Cpu)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                v[*off..*off + vals.len()].copy_from_slice(&vals);
             }
         }
-        Ok(())
+        self.set_lora_values(&v)
     }
 
     /// Loads the weights of a PEFT adapter folder (its config must match this model's).
@@ -256,7 +267,7 @@ impl Phi3 {
                 path.display()
             )));
         }
-        let raw = candle_core::safetensors::load(&path, self.device())
+        let raw = candle_core::safetensors::load(&path, &Device::Cpu)
             .map_err(|e| Error::Model(format!("{}: cannot read ({e})", path.display())))?;
         // PEFT sometimes saves "...lora_A.default.weight"; normalise to the saved form.
         let state: HashMap<String, Tensor> = raw
@@ -275,7 +286,7 @@ impl Phi3 {
 
     /// Writes the adapter files into an existing folder.
     pub fn write_adapter_into(&self, dir: &Path, base_model: &str) -> Result<()> {
-        write_safetensors(&dir.join("adapter_model.safetensors"), &self.lora_state())?;
+        write_safetensors(&dir.join("adapter_model.safetensors"), &self.lora_state()?)?;
         let cfg = serde_json::to_string_pretty(&adapter_config_json(&self.lora_cfg, base_model))
             .expect("json");
         let p = dir.join("adapter_config.json");
@@ -287,15 +298,7 @@ impl Phi3 {
     pub fn save_merged(&self, dir: &Path, ctx: &crate::progress::Ctx) -> Result<PathBuf> {
         let pending = PendingDir::new(dir)?;
         let src = Weights::open(&self.folder)?;
-        let mut deltas: HashMap<String, &super::lora::Lora> = HashMap::new();
-        for (l, module, _, lora) in self.adapters() {
-            let block = if module == "qkv_proj" || module == "o_proj" {
-                "self_attn"
-            } else {
-                "mlp"
-            };
-            deltas.insert(format!("model.layers.{l}.{block}.{module}.weight"), lora);
-        }
+        let deltas = self.lora_deltas()?;
         let cpu = candle_core::Device::Cpu;
         let task = ctx.task(
             "merge LoRA into the weights",
@@ -309,10 +312,10 @@ impl Phi3 {
             let mut out: Vec<(String, Tensor)> = Vec::with_capacity(tensors.len());
             for (name, t) in tensors {
                 let t = match deltas.get(&name) {
-                    Some(lora) => {
+                    Some((delta, out, inp)) => {
                         let stored = t.dtype();
-                        (t.to_dtype(DType::F32)? + lora.delta()?.to_device(&cpu)?)?
-                            .to_dtype(stored)?
+                        let d = Tensor::from_slice(delta, (*out, *inp), &cpu)?;
+                        (t.to_dtype(DType::F32)? + d)?.to_dtype(stored)?
                     }
                     None => t,
                 };

@@ -1,12 +1,11 @@
-//! LoRA adapters: `y = x W^T + scale · B(A(dropout(x)))`, with PEFT's initialisation and
-//! names, kept in f32 whatever the base weights' dtype.
+//! LoRA adapters: `y = x W^T + scale · B(A(dropout(x)))`, with PEFT's configuration,
+//! initialisation and names; the adapters stay f32 whatever the base weights' dtype (see
+//! `phi3::Adapters`).
 
-use candle_core::{DType, Device, Result as CResult, Tensor, Var};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::ops;
 use crate::error::{Error, Result};
 
 /// The projections of a Phi-3 layer LoRA can target.
@@ -73,89 +72,13 @@ impl LoraConfig {
     }
 }
 
-/// One adapter pair on one projection.
-pub struct Lora {
-    /// (r, in)
-    pub a: Var,
-    /// (out, r)
-    pub b: Var,
-    pub scale: f64,
-    pub dropout: f64,
-}
-
-impl Lora {
-    /// PEFT's initialisation: A ~ kaiming-uniform(a=√5) = U(±1/√in), B = 0.
-    pub fn init(
-        r: usize,
-        out: usize,
-        inp: usize,
-        cfg: &LoraConfig,
-        rng: &mut ChaCha8Rng,
-        device: &Device,
-    ) -> CResult<Self> {
-        let bound = 1.0 / (inp as f64).sqrt();
-        let a: Vec<f32> = (0..r * inp)
-            .map(|_| rng.random_range(-bound..bound) as f32)
-            .collect();
-        Ok(Self {
-            a: Var::from_tensor(&Tensor::from_vec(a, (r, inp), device)?)?,
-            b: Var::zeros((out, r), DType::F32, device)?,
-            scale: cfg.scale(),
-            dropout: cfg.dropout,
-        })
-    }
-
-    /// The adapter's contribution for input `x` (n, in), in `x`'s dtype. `dropout_seed`
-    /// is `Some` in training: the mask is drawn from it, so a recomputed forward draws
-    /// the same mask.
-    pub fn forward(&self, x: &Tensor, dropout_seed: Option<u64>) -> CResult<Tensor> {
-        let dtype = x.dtype();
-        let mut x = x.to_dtype(DType::F32)?;
-        if let (Some(seed), true) = (dropout_seed, self.dropout > 0.0) {
-            x = x.broadcast_mul(&dropout_mask(x.dims(), self.dropout, seed, x.device())?)?;
-        }
-        // The scale goes on the rank-r intermediate, not on the (tokens, out) result: one
-        // pass over a tensor `out / r` times smaller (PEFT scales last; the two differ by
-        // rounding only, and not at all for power-of-two scales such as alpha/r = 16).
-        let h = (x.matmul(&self.a.as_tensor().t()?)? * self.scale)?;
-        h.matmul(&self.b.as_tensor().t()?)?.to_dtype(dtype)
-    }
-
-    /// `scale · B @ A` (out, in) in f32: what merging adds to the base weight.
-    pub fn delta(&self) -> CResult<Tensor> {
-        self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale
-    }
-}
-
-/// A {0, 1/(1-p)} mask drawn from `seed` (host RNG: reproducible on any device).
-pub(crate) fn dropout_mask(shape: &[usize], p: f64, seed: u64, device: &Device) -> CResult<Tensor> {
-    let v = dropout_values(shape.iter().product(), p, seed);
-    Tensor::from_vec(v, shape, device)
-}
-
-/// The values of [`dropout_mask`], `n` of them.
-pub(crate) fn dropout_values(n: usize, p: f64, seed: u64) -> Vec<f32> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let keep = (1.0 / (1.0 - p)) as f32;
-    (0..n)
-        .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+/// PEFT's initialisation of A (r, in): kaiming-uniform(a=√5) = U(±1/√in), drawn from `rng`
+/// row by row (B starts at zero).
+pub fn init_a(r: usize, inp: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
+    let bound = 1.0 / (inp as f64).sqrt();
+    (0..r * inp)
+        .map(|_| rng.random_range(-bound..bound) as f32)
         .collect()
-}
-
-/// A frozen projection with an optional adapter.
-pub struct Linear {
-    pub weight: Tensor,
-    pub lora: Option<Lora>,
-}
-
-impl Linear {
-    pub fn forward(&self, x: &Tensor, dropout_seed: Option<u64>) -> CResult<Tensor> {
-        let y = ops::frozen_linear(x, &self.weight)?;
-        match &self.lora {
-            None => Ok(y),
-            Some(l) => y + l.forward(x, dropout_seed)?,
-        }
-    }
 }
 
 /// PEFT's key for one adapter tensor of layer `layer`'s `module` (`which` = "A" or "B").

@@ -184,10 +184,11 @@ mod tests {
             (32, 2, 100)
         );
         let m =
-            super::super::Phi3::load_frozen(&dir, &Device::Cpu, candle_core::DType::F32).unwrap();
+            super::super::Phi3::load_frozen(&dir, std::sync::Arc::new(crate::kernels::cpu::Cpu))
+                .unwrap();
         let b = m.batch(&[1, 2, 3], None, &[3]).unwrap();
         let logits = m.logits(&b).unwrap();
-        assert_eq!(logits.dims(), &[3, 100]);
+        assert_eq!(logits.len(), 3 * 100);
         // same seed, same weights; the std is initializer_range
         let again = tmp.path().join("again");
         create_random_model(&again, &over, 1, None).unwrap();

@@ -202,6 +202,14 @@ impl Weights {
         Ok(t)
     }
 
+    /// Loads `name` as f32 values, checking its shape.
+    pub fn get_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.get(name, shape, DType::F32, &Device::Cpu)?
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| Error::Model(format!("{}: weight '{name}': {e}", self.folder.display())))
+    }
+
     /// The stored dtype of `name`.
     pub fn stored_dtype(&self, name: &str) -> Option<DType> {
         let view = self.st.get(name).ok()?;

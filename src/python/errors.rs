@@ -26,6 +26,8 @@ fn class_name(e: &Error) -> &'static str {
         Error::Model(_) => "ModelError",
         Error::Training(_) => "TrainingError",
         Error::Compute(_) => "ComputeError",
+        Error::OutOfMemory(_) => "OutOfMemoryError",
+        Error::GpuUnavailable(_) => "GpuUnavailableError",
         Error::Cancelled => "KeyboardInterrupt",
         Error::Io { source, .. } => match source.kind() {
             std::io::ErrorKind::NotFound => "FerrotuneFileNotFoundError",

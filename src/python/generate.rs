@@ -81,10 +81,10 @@ impl PyGenerator {
     ) -> PyResult<Self> {
         let source = model.to_string_lossy().into_owned();
         let (inner, dev_name) = run_blocking(py, progress, move |ctx| {
-            let dev = model::device(&device)?;
-            let dtype = model::base_dtype(&dev, &precision)?;
-            let g = Generator::load(&source, adapter.as_deref(), &dev, dtype, token, ctx)?;
-            Ok((Arc::new(g), model::device_name(&dev)))
+            let be = model::backend(&device, &precision)?;
+            let name = be.name();
+            let g = Generator::load(&source, adapter.as_deref(), be, token, ctx)?;
+            Ok((Arc::new(g), name))
         })?;
         Ok(Self {
             inner,

@@ -152,10 +152,46 @@ fn rows_for_split_pc(split_pc: String, n: u64) -> PyResult<u64> {
         .map_err(|e| Python::with_gil(|py| errors::to_pyerr(py, e)))
 }
 
+/// Every GPU primitive against its CPU twin on `device` ("cuda", "cuda:N", or "emu" in test
+/// builds) at `precision`: a JSON list of checks (name, dtype, shapes, error, tolerance,
+/// passed, failure). `full` adds Phi-3's sizes; `only` keeps the checks whose name contains
+/// it. For `pytest -m gpu` and `scripts/gpu_check.sh`.
+#[pyfunction]
+#[pyo3(signature = (device, precision="auto".to_string(), full=false, only=None))]
+fn _gpu_selfcheck(
+    py: Python<'_>,
+    device: String,
+    precision: String,
+    full: bool,
+    only: Option<String>,
+) -> PyResult<String> {
+    let run = move || -> crate::error::Result<String> {
+        let be = crate::model::backend(&device, &precision)?;
+        if be.name() == "cpu" {
+            return Err(crate::error::Error::GpuUnavailable(format!(
+                "device {device:?} is the CPU: the self-check compares a GPU with the CPU"
+            )));
+        }
+        let checks = crate::kernels::cuda::selfcheck::run(
+            be.as_ref(),
+            crate::kernels::cuda::selfcheck::Sizes { full },
+            only.as_deref(),
+        );
+        Ok(serde_json::to_string(&checks).expect("checks serialise"))
+    };
+    py.allow_threads(run).map_err(|e| errors::to_pyerr(py, e))
+}
+
+/// Whether this build has the emulated GPU of the test builds (`device="emu"`).
+#[pyfunction]
+fn gpu_emulator() -> bool {
+    cfg!(feature = "gpu-emu")
+}
+
 /// Whether this build of ferrotune can use a CUDA GPU here (built with CUDA, and a GPU opens).
 #[pyfunction]
 fn cuda_available() -> bool {
-    crate::model::device("auto").is_ok_and(|d| d.is_cuda())
+    crate::model::backend("auto", "auto").is_ok_and(|b| b.name() != "cpu")
 }
 
 /// Seconds taken by each of `repeats` sums of a `floats`-long float32 tensor over the
@@ -175,20 +211,19 @@ fn _group_sum_timings(
         )
     })?;
     let timings = py.allow_threads(move || -> crate::error::Result<Vec<f64>> {
-        let device = candle_core::Device::Cpu;
+        let be = crate::kernels::cpu::Cpu;
         let mut group = crate::train::distributed::Group::join(
             &spec,
             "bench",
-            &device,
+            &be,
             &crate::progress::Ctx::silent(),
         )?;
-        let t = candle_core::Tensor::ones(floats, candle_core::DType::F32, &device)?;
         let mut out = Vec::with_capacity(repeats);
         for _ in 0..repeats {
+            let mut t = vec![1f32; floats];
             let t0 = std::time::Instant::now();
-            let s = group.sum_tensor(&t)?;
+            group.sum_f32(&mut t)?;
             out.push(t0.elapsed().as_secs_f64());
-            drop(s);
         }
         group.barrier()?;
         Ok(out)
@@ -205,6 +240,8 @@ fn ferrotune_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(hub_download, m)?)?;
     m.add_function(wrap_pyfunction!(rows_for_split_pc, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
+    m.add_function(wrap_pyfunction!(gpu_emulator, m)?)?;
+    m.add_function(wrap_pyfunction!(_gpu_selfcheck, m)?)?;
     m.add_function(wrap_pyfunction!(_json_string, m)?)?;
     m.add_function(wrap_pyfunction!(_group_sum_timings, m)?)?;
     m.add_class::<chat::PyChatTokenizer>()?;

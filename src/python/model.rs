@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
+
+use crate::kernels::Dt;
 use numpy::{PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -100,11 +102,10 @@ impl PyLoraModel {
             if let Some(a) = &adapter {
                 lora = model::export::read_adapter_config(a)?;
             }
-            let dev = model::device(&device)?;
-            let dtype = model::base_dtype(&dev, &precision)?;
+            let be = model::backend(&device, &precision)?;
             let folder =
                 model::weights::resolve_model(&model, "main", || HubClient::from_env(token), ctx)?;
-            let m = Phi3::load(&folder, lora, seed, &dev, dtype)?;
+            let m = Phi3::load(&folder, lora, seed, be)?;
             if let Some(a) = &adapter {
                 m.load_adapter(a)?;
             }
@@ -124,17 +125,14 @@ impl PyLoraModel {
 
     /// PEFT names of the adapter tensors, in a fixed order.
     fn lora_names(&self) -> Vec<String> {
-        self.inner
-            .lora_params()
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect()
+        self.inner.lora_names()
     }
 
     /// The adapter tensors by PEFT name (float32 numpy arrays; A is (r, in), B (out, r)).
     fn get_lora<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        for (name, t) in self.inner.lora_state() {
+        let state = self.inner.lora_state().map_err(|e| to_pyerr(py, e))?;
+        for (name, t) in state {
             d.set_item(name, to_numpy(py, &t)?)?;
         }
         Ok(d)
@@ -142,7 +140,7 @@ impl PyLoraModel {
 
     /// Sets every adapter tensor from a dict of PEFT name → array.
     fn set_lora(&self, py: Python<'_>, state: HashMap<String, Bound<'_, PyAny>>) -> PyResult<()> {
-        let dev = self.inner.device().clone();
+        let dev = Device::Cpu;
         let mut tensors = HashMap::new();
         let np = py.import("numpy")?;
         for (name, obj) in state {
@@ -176,11 +174,12 @@ impl PyLoraModel {
         let ids = ids_vec(&int_vec(input_ids, "input_ids")?).map_err(|e| to_pyerr(py, e))?;
         let lens = self.lengths(ids.len(), seq_lengths);
         let m = self.inner.clone();
-        let t = run_blocking(py, None, move |_| {
+        let vocab = m.cfg.vocab_size;
+        let (n, v) = run_blocking(py, None, move |_| {
             let b = m.batch(&ids, None, &lens)?;
-            m.logits(&b)
+            Ok((b.n_tokens(), m.logits(&b)?))
         })?;
-        to_numpy(py, &t)
+        PyArray1::from_vec(py, v).reshape(vec![n, vocab])
     }
 
     /// `(mean loss, number of targets, {name: d(mean loss)/d(adapter tensor)})`.
@@ -208,20 +207,18 @@ impl PyLoraModel {
                     "no position has a label other than -100".into(),
                 ));
             }
-            let mut grads = vec![None; m.lora_params().len()];
-            let sum = m.forward_backward(&b, 1.0 / n as f64, recompute, None, &mut grads)?;
-            Ok((sum / n as f64, n, grads))
+            let be = m.backend();
+            let mut grads = be.zeros(m.n_lora(), Dt::F32)?;
+            let mut loss = be.zeros(1, Dt::F64)?;
+            m.forward_backward(&b, 1.0 / n as f64, recompute, None, &mut grads, &mut loss)?;
+            let sum = be.to_f64(&loss)?[0];
+            Ok((sum / n as f64, n, be.to_f32(&grads)?))
         })?;
         let d = PyDict::new(py);
-        for ((name, var), g) in self.inner.lora_params().into_iter().zip(grads) {
-            let g = match g {
-                Some(g) => g,
-                None => var
-                    .as_tensor()
-                    .zeros_like()
-                    .map_err(|e| to_pyerr(py, e.into()))?,
-            };
-            d.set_item(name, to_numpy(py, &g)?)?;
+        for (name, shape, off) in self.inner.lora_layout() {
+            let k: usize = shape.iter().product();
+            let g = PyArray1::from_vec(py, grads[off..off + k].to_vec()).reshape(shape)?;
+            d.set_item(name, g)?;
         }
         Ok((loss, n, d))
     }

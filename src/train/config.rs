@@ -68,7 +68,7 @@ fn d_true() -> bool {
     true
 }
 fn d_precision() -> String {
-    "32".into()
+    "auto".into()
 }
 fn d_seed() -> u64 {
     42
@@ -257,7 +257,7 @@ impl TrainConfig {
             ));
         }
         super::schedule::Schedule::parse(&self.lr_scheduler_type)?;
-        crate::model::base_dtype(&candle_core::Device::Cpu, &self.precision)?;
+        crate::model::check_precision(&self.precision)?;
         if self.evaluation_strategy == Strategy::Steps && self.eval_steps == Some(0) {
             return bad("eval_steps must be at least 1".into());
         }

@@ -12,8 +12,9 @@
 //! depend on timing. Two transports:
 //! * the rendezvous connections themselves (a star through rank 0): every device, no
 //!   extra library; fine for LoRA gradients (tens of MB per optimizer step) within a node;
-//! * NCCL (`nccl` cargo feature, CUDA only): gradients stay on the GPU. Rank 0 makes the
-//!   NCCL unique id and hands it out over the rendezvous connection.
+//! * the backend's own collective — NCCL on GPUs (CUDA builds): gradients stay on the
+//!   GPUs. Rank 0's backend makes the NCCL unique id and it is handed out over the
+//!   rendezvous connection.
 //!
 //! Why not torch.distributed's own store and gloo: they live in libtorch, which ferrotune
 //! does not depend on; the handshake here is a few messages on one socket.
@@ -22,7 +23,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Tensor};
+use crate::kernels::{Backend, Buf};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -153,14 +154,14 @@ pub struct Group {
     pub size: usize,
     /// Rank 0: links to ranks 1.., in rank order. Other ranks: the link to rank 0.
     links: Vec<Link>,
-    #[cfg(feature = "nccl")]
-    nccl: Option<nccl::Nccl>,
+    /// Whether the backend sums buffers itself (NCCL on GPUs).
+    collective: bool,
 }
 
 impl Group {
     /// Joins the group: rank 0 waits for every other rank, checks that all computed the
     /// same `plan`, and answers each. Errors name what differs or who did not come.
-    pub fn join(spec: &WorldSpec, plan: &str, device: &Device, ctx: &Ctx) -> Result<Self> {
+    pub fn join(spec: &WorldSpec, plan: &str, be: &dyn Backend, ctx: &Ctx) -> Result<Self> {
         spec.validate()?;
         let timeout = Duration::from_secs_f64(spec.timeout_s);
         let links = if spec.rank == 0 {
@@ -168,19 +169,13 @@ impl Group {
         } else {
             vec![Self::connect(spec, plan, timeout, ctx)?]
         };
-        #[allow(unused_mut)]
         let mut group = Self {
             rank: spec.rank,
             size: spec.world_size,
             links,
-            #[cfg(feature = "nccl")]
-            nccl: None,
+            collective: false,
         };
-        #[cfg(feature = "nccl")]
-        if device.is_cuda() {
-            group.nccl = Some(nccl::Nccl::new(&mut group, device)?);
-        }
-        let _ = device;
+        group.collective = group.join_collective(be)?;
         ctx.message(&format!(
             "data-parallel: rank {} of {} joined ({} transport)",
             group.rank,
@@ -194,10 +189,33 @@ impl Group {
         self.rank == 0
     }
 
+    /// Sets up the backend's own collective (NCCL) when rank 0's backend offers one: its id
+    /// travels over the rendezvous links. Every rank runs the same build, so all agree.
+    fn join_collective(&mut self, be: &dyn Backend) -> Result<bool> {
+        let id = if self.is_root() {
+            let id = be.collective_id()?;
+            let frame = id.clone().unwrap_or_default();
+            for link in &mut self.links {
+                link.send_frame(&frame)?;
+            }
+            id
+        } else {
+            let frame = self.links[0].recv_frame(4096)?;
+            (!frame.is_empty()).then_some(frame)
+        };
+        match id {
+            Some(id) => {
+                be.collective_join(&id, self.rank, self.size)
+                    .map_err(|e| lost("the GPU collective (NCCL) could not be set up", e))?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
     /// "nccl" or "tcp".
     pub fn transport(&self) -> &'static str {
-        #[cfg(feature = "nccl")]
-        if self.nccl.is_some() {
+        if self.collective {
             return "nccl";
         }
         "tcp"
@@ -411,16 +429,21 @@ impl Group {
         self.host_sum(xs)
     }
 
-    /// Sum of a float32 tensor over the group; the result is on `t`'s device.
-    pub fn sum_tensor(&mut self, t: &Tensor) -> Result<Tensor> {
-        #[cfg(feature = "nccl")]
-        if let Some(n) = &self.nccl {
-            return n.sum(t);
+    /// Sum of float32 values over the group (through the host links).
+    pub fn sum_f32(&mut self, xs: &mut [f32]) -> Result<()> {
+        self.host_sum(xs)
+    }
+
+    /// Sum of a float32 buffer over the group, in place: on the devices with the backend's
+    /// collective (NCCL), else through the host.
+    pub fn sum_buf(&mut self, be: &dyn Backend, b: &mut Buf) -> Result<()> {
+        if self.collective {
+            return be.collective_sum(b);
         }
-        let shape = t.shape().clone();
-        let mut host = t.flatten_all()?.to_vec1::<f32>()?;
+        let mut host = be.to_f32(b)?;
         self.host_sum(&mut host)?;
-        Ok(Tensor::from_vec(host, shape, t.device())?)
+        *b = be.upload_f32(&host, b.dt())?;
+        Ok(())
     }
 
     /// Every rank waits here until all arrive (and rank 0 has finished what it did first).
@@ -469,97 +492,6 @@ fn refuse(link: &mut Link, why: &str) -> Result<()> {
     link.send_frame(why.as_bytes())
 }
 
-#[cfg(feature = "nccl")]
-mod nccl {
-    //! Gradients summed on the GPU with NCCL; the unique id travels over the rendezvous link.
-
-    use std::rc::Rc;
-
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
-    use candle_core::{CpuStorage, CudaStorage, CustomOp1, Device, Layout, Shape, Tensor};
-
-    use super::{lost, Group};
-    use crate::error::{Error, Result};
-
-    pub struct Nccl {
-        comm: Rc<Comm>,
-    }
-
-    impl Nccl {
-        pub fn new(group: &mut Group, device: &Device) -> Result<Self> {
-            let cuda = device.as_cuda_device()?;
-            let id = if group.is_root() {
-                let id = Id::new().map_err(|e| {
-                    Error::Training(format!("data-parallel: NCCL could not make an id: {e:?}"))
-                })?;
-                let bytes: Vec<u8> = id.internal().iter().map(|&c| c as u8).collect();
-                for link in &mut group.links {
-                    link.send(&bytes)?;
-                }
-                id
-            } else {
-                let mut bytes = [0u8; 128];
-                group.links[0].recv(&mut bytes)?;
-                let mut raw = [0 as core::ffi::c_char; 128];
-                for (r, b) in raw.iter_mut().zip(bytes) {
-                    *r = b as core::ffi::c_char;
-                }
-                Id::uninit(raw)
-            };
-            let comm = Comm::from_rank(cuda.cuda_stream(), group.rank, group.size, id)
-                .map_err(|e| lost("NCCL could not set up the group", format!("{e:?}")))?;
-            Ok(Self {
-                comm: Rc::new(comm),
-            })
-        }
-
-        pub fn sum(&self, t: &Tensor) -> Result<Tensor> {
-            let t = t.contiguous()?;
-            Ok(t.apply_op1_no_bwd(&AllReduce {
-                comm: self.comm.clone(),
-            })?)
-        }
-    }
-
-    struct AllReduce {
-        comm: Rc<Comm>,
-    }
-
-    // SAFETY: the op is applied on the thread that owns the group, one collective at a time.
-    unsafe impl Send for AllReduce {}
-    unsafe impl Sync for AllReduce {}
-
-    impl CustomOp1 for AllReduce {
-        fn name(&self) -> &'static str {
-            "nccl-all-reduce"
-        }
-
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-            candle_core::bail!("NCCL all-reduce needs a CUDA tensor")
-        }
-
-        fn cuda_fwd(
-            &self,
-            s: &CudaStorage,
-            l: &Layout,
-        ) -> candle_core::Result<(CudaStorage, Shape)> {
-            let elems = l.shape().elem_count();
-            let src = s.as_cuda_slice::<f32>()?;
-            let src = match l.contiguous_offsets() {
-                Some((0, n)) if n == elems => src.slice(0..n),
-                _ => candle_core::bail!("nccl-all-reduce: input must be contiguous from 0"),
-            };
-            let dev = s.device().clone();
-            let mut dst = unsafe { dev.alloc::<f32>(elems) }?;
-            self.comm
-                .all_reduce(&src, &mut dst, &ReduceOp::Sum)
-                .map_err(|e| candle_core::Error::Msg(format!("NCCL all-reduce: {e:?}")))?;
-            Ok((CudaStorage::wrap_cuda_slice(dst, dev), l.shape().clone()))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -597,7 +529,7 @@ mod tests {
                     f(Group::join(
                         &spec(r, size, port),
                         plan,
-                        &Device::Cpu,
+                        &crate::kernels::cpu::Cpu,
                         &Ctx::silent(),
                     ))
                 })
@@ -611,8 +543,9 @@ mod tests {
         let out = group_of(3, vec!["{}"; 3], |g| {
             let mut g = g.unwrap();
             let r = g.rank as f32;
-            let t = Tensor::new(&[[r, 1.0], [2.0 * r, 1e-8]], &Device::Cpu).unwrap();
-            let s = g.sum_tensor(&t).unwrap().to_vec2::<f32>().unwrap();
+            let mut t = [r, 1.0, 2.0 * r, 1e-8];
+            g.sum_f32(&mut t).unwrap();
+            let s = vec![vec![t[0], t[1]], vec![t[2], t[3]]];
             let mut stats = [g.rank as f64, 0.5];
             g.sum_f64(&mut stats).unwrap();
             g.barrier().unwrap();
@@ -632,8 +565,9 @@ mod tests {
         let out = group_of(3, vec!["{}"; 3], move |g| {
             let mut g = g.unwrap();
             let xs: Vec<f32> = (0..n).map(|i| value(g.rank, i)).collect();
-            let t = Tensor::from_vec(xs, n, &Device::Cpu).unwrap();
-            g.sum_tensor(&t).unwrap().to_vec1::<f32>().unwrap()
+            let mut xs = xs;
+            g.sum_f32(&mut xs).unwrap();
+            xs
         });
         let want: Vec<f32> = (0..n)
             .map(|i| value(0, i) + value(1, i) + value(2, i))

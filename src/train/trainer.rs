@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::Tensor;
+use std::sync::Arc;
+
 use serde::Serialize;
 use serde_json::json;
 
@@ -12,11 +13,12 @@ use super::checkpoint::{self, TrainerState};
 use super::config::{Resume, Strategy, TrainConfig};
 use super::data::{self, Data};
 use super::distributed::Group;
-use super::optim::{clip_grad_norm, AdamW, AdamWParams};
+use super::optim::{AdamW, AdamWParams, LossScale};
 use super::schedule::Schedule;
 use crate::chat::TokenizedRows;
 use crate::error::{Error, IoContext, Result};
 use crate::hub::HubClient;
+use crate::kernels::{Backend, Dt};
 use crate::model::{self, Phi3};
 use crate::progress::Ctx;
 
@@ -153,15 +155,15 @@ fn evaluate(
     Ok(sum / count as f64)
 }
 
-/// The device to train on: with a data-parallel group, "cuda"/"auto" mean the GPU of the
+/// The backend to train on: with a data-parallel group, "cuda"/"auto" mean the GPU of the
 /// process's `LOCAL_RANK`, as torch's launchers arrange it.
-fn training_device(cfg: &TrainConfig) -> Result<candle_core::Device> {
-    let device = model::device(&cfg.device)?;
+fn training_backend(cfg: &TrainConfig) -> Result<Arc<dyn Backend>> {
+    let be = model::backend(&cfg.device, &cfg.precision)?;
     match &cfg.distributed {
-        Some(w) if device.is_cuda() && !cfg.device.starts_with("cuda:") => {
-            model::device(&format!("cuda:{}", w.local_rank))
+        Some(w) if be.name() != "cpu" && !cfg.device.starts_with("cuda:") && w.local_rank > 0 => {
+            model::backend(&format!("cuda:{}", w.local_rank), &cfg.precision)
         }
-        _ => Ok(device),
+        _ => Ok(be),
     }
 }
 
@@ -195,25 +197,6 @@ fn group_fingerprint(cfg: &TrainConfig, plan: &Plan, data: &Data) -> String {
     .to_string()
 }
 
-/// Sums every rank's gradients (one flat transfer), in the shapes they came in.
-fn sum_grads(group: &mut Group, grads: Vec<Tensor>) -> Result<Vec<Tensor>> {
-    let flat: Vec<Tensor> = grads
-        .iter()
-        .map(|t| t.flatten_all())
-        .collect::<candle_core::Result<_>>()?;
-    let all = group.sum_tensor(&Tensor::cat(&flat, 0)?)?;
-    let mut at = 0;
-    grads
-        .iter()
-        .map(|t| {
-            let n = t.elem_count();
-            let part = all.narrow(0, at, n)?.reshape(t.shape())?;
-            at += n;
-            Ok(part)
-        })
-        .collect()
-}
-
 /// Tokenized copies of ranks other than 0 go to a scratch folder removed once read
 /// (rank 0 keeps its copy in `output_dir/tokenized`, as a single process does).
 struct Scratch(PathBuf);
@@ -224,6 +207,52 @@ impl Drop for Scratch {
     }
 }
 
+/// Whether to recompute activations: as asked, or turned on when the device's free memory
+/// (after the weights) cannot hold a step's activations kept (said in the log); a plan that
+/// does not fit even then is reported with what to lower.
+fn memory_plan(
+    cfg: &TrainConfig,
+    model: &Phi3,
+    train: &TokenizedRows,
+    root: bool,
+    ctx: &Ctx,
+) -> Result<bool> {
+    let Some((free, _)) = model.backend().memory()? else {
+        return Ok(cfg.gradient_checkpointing);
+    };
+    // The largest micro-batch: the batch size times the longest row.
+    let longest = train
+        .row_offsets
+        .windows(2)
+        .map(|w| (w[1] - w[0]) as usize)
+        .max()
+        .unwrap_or(0);
+    let tokens = longest * cfg.per_device_train_batch_size;
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    let keep = model.step_bytes(tokens, false);
+    if !cfg.gradient_checkpointing && keep > free {
+        let again = model.step_bytes(tokens, true);
+        if root {
+            ctx.message(&format!(
+                "memory: a step of {tokens} tokens needs ~{:.1} GiB of activations kept, {:.1} GiB are free on {}; turning on gradient_checkpointing (~{:.1} GiB)",
+                gib(keep),
+                gib(free),
+                model.device_name(),
+                gib(again)
+            ));
+        }
+        if again > free && root {
+            ctx.message(&format!(
+                "memory: even with gradient_checkpointing a step needs ~{:.1} GiB ({:.1} GiB free); lower per_device_train_batch_size or max_seq_length if it runs out of memory",
+                gib(again),
+                gib(free)
+            ));
+        }
+        return Ok(true);
+    }
+    Ok(cfg.gradient_checkpointing)
+}
+
 /// Runs a whole fine-tuning job.
 pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
     cfg.validate()?;
@@ -232,10 +261,13 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         .as_ref()
         .map_or((0, 1), |w| (w.rank, w.world_size));
     let root = rank == 0;
-    let device = training_device(cfg)?;
-    let dtype = model::base_dtype(&device, &cfg.precision)?;
-    if !device.is_cuda() && cfg.precision != "32" && root {
-        ctx.message("precision 16/bf16 applies on CUDA; on CPU ferrotune trains in float32");
+    let be = training_backend(cfg)?;
+    let gpu = be.name() != "cpu";
+    if !gpu && !matches!(cfg.precision.as_str(), "32" | "auto") && root {
+        ctx.message(&format!(
+            "precision {} applies on a GPU; on the CPU ferrotune trains in float32",
+            cfg.precision
+        ));
     }
     std::fs::create_dir_all(&cfg.output_dir).at(&cfg.output_dir)?;
     let folder = model::weights::resolve_model(
@@ -257,7 +289,7 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         Some(w) => Some(Group::join(
             w,
             &group_fingerprint(cfg, &plan, &data),
-            &device,
+            be.as_ref(),
             ctx,
         )?),
         None => None,
@@ -279,25 +311,24 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
             lora = from;
         }
     }
-    let model = Phi3::load(&folder, lora, cfg.seed, &device, dtype)?;
+    let model = Phi3::load(&folder, lora, cfg.seed, be.clone())?;
     if let Some(a) = &cfg.adapter_init {
         model.load_adapter(a)?;
     }
-    let names: Vec<String> = model.lora_params().into_iter().map(|(n, _)| n).collect();
+    let layout = model.lora_layout();
     let schedule = Schedule::parse(&cfg.lr_scheduler_type)?;
-    let mut opt = {
-        let params = model.lora_params();
-        let vars: Vec<_> = params.iter().map(|p| p.1).collect();
-        AdamW::new(
-            AdamWParams {
-                beta1: cfg.adam_beta1,
-                beta2: cfg.adam_beta2,
-                eps: cfg.adam_epsilon,
-                weight_decay: cfg.weight_decay,
-            },
-            &vars,
-        )?
-    };
+    let mut opt = AdamW::new(
+        AdamWParams {
+            beta1: cfg.adam_beta1,
+            beta2: cfg.adam_beta2,
+            eps: cfg.adam_epsilon,
+            weight_decay: cfg.weight_decay,
+        },
+        be.as_ref(),
+        model.n_lora(),
+    )?;
+    // fp16 activations need a loss scale (gradients would underflow); bf16 and f32 do not.
+    let mut loss_scale = (be.act() == Dt::F16).then(LossScale::new);
     let mut state = TrainerState {
         global_step: 0,
         epoch: 0.0,
@@ -355,8 +386,9 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         }
         model.load_adapter(dir)?;
         opt.load(
+            be.as_ref(),
             &dir.join(checkpoint::OPTIMIZER),
-            &names,
+            &layout,
             saved.global_step as u64,
         )?;
         state = saved;
@@ -367,7 +399,7 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         ));
     }
 
-    let recompute = cfg.gradient_checkpointing;
+    let recompute = memory_plan(cfg, &model, &train, root, ctx)?;
     let task = ctx.task("train", Some(plan.total_steps as u64), "steps");
     task.advance(state.global_step as u64);
     let started = Instant::now();
@@ -382,7 +414,7 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         model.write_adapter_into(&pending.tmp, &cfg.model)?;
         model::export::write_safetensors(
             &pending.tmp.join(checkpoint::OPTIMIZER),
-            &opt.state(&names),
+            &opt.state(model.backend().as_ref(), &layout)?,
         )?;
         let p = pending.tmp.join(checkpoint::STATE);
         std::fs::write(&p, serde_json::to_string_pretty(state).expect("json")).at(&p)?;
@@ -450,16 +482,45 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
             return Err(Error::Cancelled);
         }
         let (n_targets, n_tokens) = (counts[1] as usize, counts[2] as usize);
-        let params = model.lora_params();
-        let vars: Vec<_> = params.iter().map(|p| p.1).collect();
-        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-        let mut loss_sum = 0.0;
+        let lr = cfg.learning_rate * schedule.factor(step, plan.warmup, plan.total_steps);
+        let lscale = loss_scale.map_or(1.0, |s| s.scale);
+        // stats: [Σ CE of this rank's micro-batches, Σ g² of the summed gradients]
+        let mut stats = be.zeros(2, Dt::F64)?;
+        let mut grad_norm = 0.0;
+        let mut skipped = false;
         if n_targets > 0 {
-            let scale = 1.0 / n_targets as f64;
+            let mut grads = be.zeros(model.n_lora(), Dt::F32)?;
+            let scale = lscale / n_targets as f64;
             for (k, b) in &batches {
                 let seed = (model.lora_cfg.dropout > 0.0).then(|| seed_for(cfg.seed, step, *k));
-                loss_sum += model.forward_backward(b, scale, recompute, seed, &mut grads)?;
+                model.forward_backward(b, scale, recompute, seed, &mut grads, &mut stats)?;
             }
+            if let Some(g) = group.as_mut() {
+                g.sum_buf(be.as_ref(), &mut grads)?;
+            }
+            be.sum_into(&grads, true, &mut stats, 1)?;
+            model.update_lora(|p| {
+                opt.update(
+                    be.as_ref(),
+                    p,
+                    &grads,
+                    (&stats, 1),
+                    lr,
+                    cfg.max_grad_norm,
+                    1.0 / lscale,
+                )
+            })?;
+        } else if root {
+            ctx.message(&format!(
+                "step {}: no trainable tokens in this step's rows; skipped",
+                step + 1
+            ));
+        }
+        // The step's one read from the device: the loss and the gradient norm.
+        let read = be.to_f64(&stats)?;
+        let mut loss_sum = read[0];
+        if n_targets > 0 {
+            grad_norm = read[1].sqrt() / lscale;
         }
         if let Some(g) = group.as_mut() {
             let mut total = [loss_sum];
@@ -471,7 +532,21 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         } else {
             0.0
         };
-        if !loss.is_finite() {
+        if let Some(ls) = loss_scale.as_mut().filter(|_| n_targets > 0) {
+            if ls.record(grad_norm.is_finite()) {
+                opt.skipped();
+                skipped = true;
+                if root {
+                    ctx.message(&format!(
+                        "step {}: fp16 gradients overflowed; update skipped, loss scale lowered to {} ({} skipped so far)",
+                        step + 1,
+                        ls.scale,
+                        ls.skipped
+                    ));
+                }
+            }
+        }
+        if !skipped && !loss.is_finite() {
             return Err(Error::Training(format!(
                 "the loss is {loss} at step {} (epoch {:.2}); training stopped. Lower learning_rate (now {}) or check the data; the last checkpoint is intact",
                 step + 1,
@@ -479,31 +554,12 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
                 cfg.learning_rate
             )));
         }
-        let lr = cfg.learning_rate * schedule.factor(step, plan.warmup, plan.total_steps);
-        let mut grad_norm = 0.0;
-        if n_targets > 0 {
-            let mut g: Vec<Tensor> = grads
-                .into_iter()
-                .zip(&vars)
-                .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
-                .collect::<candle_core::Result<_>>()?;
-            if let Some(grp) = group.as_mut() {
-                g = sum_grads(grp, g)?;
-            }
-            grad_norm = clip_grad_norm(&mut g, cfg.max_grad_norm)?;
-            if !grad_norm.is_finite() {
-                return Err(Error::Training(format!(
-                    "the gradient norm is {grad_norm} at step {}; training stopped. Lower learning_rate (now {})",
-                    step + 1,
-                    cfg.learning_rate
-                )));
-            }
-            opt.update(&vars, &g, lr)?;
-        } else if root {
-            ctx.message(&format!(
-                "step {}: no trainable tokens in this step's rows; skipped",
-                step + 1
-            ));
+        if !skipped && !grad_norm.is_finite() {
+            return Err(Error::Training(format!(
+                "the gradient norm is {grad_norm} at step {}; training stopped. Lower learning_rate (now {})",
+                step + 1,
+                cfg.learning_rate
+            )));
         }
         state.global_step += 1;
         state.epoch = state.global_step as f64 / plan.updates_per_epoch as f64;
@@ -584,7 +640,7 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         tokens_per_second: tokens_this_run as f64 / train_seconds.max(1e-9),
         adapter_dir,
         merged_dir,
-        device: crate::model::device_name(&device),
+        device: be.name(),
         resumed_from,
         world_size: world,
         rank,

@@ -12,6 +12,11 @@
 // (__nv_bfloat16). Activations are row-major `(rows, width)`; all arithmetic inside the
 // kernels is f32 (accumulations, statistics), only loads and stores use T.
 //
+// Launches: every "one block per row" kernel also loops over rows with a grid stride, and
+// every 1-D kernel over elements, so a grid smaller than documented is still correct; block
+// reductions need blockDim.x to be a multiple of 32 (kernels trap on a block shape they
+// cannot use).
+//
 // The same sources compile twice:
 //   * by NVRTC (CUDA 12) into machine code for sm_70 .. sm_90 + PTX (build.rs, `cuda`
 //     feature), loaded by name through the CUDA driver;
@@ -226,6 +231,8 @@ struct SumParams {
 //     p = p − (lr / bc1) · m / (sqrt(v) / bc2_sqrt + eps)
 // (torch.optim.AdamW's single-tensor arithmetic; bc1 = 1 − beta1^t, bc2_sqrt =
 // sqrt(1 − beta2^t), computed on the host per step.) The grads are left as they were.
+// norm and clip are computed in f64 (as train/optim.rs), then g' = g · f32(grad_scale · clip)
+// and the rest of the update in f32.
 struct AdamWParams {
     float* p;
     const float* g;
@@ -277,9 +284,26 @@ struct AttnSeg {
     int kv_stride;
 };
 
-// attn_fwd_<T> (and attn_fwd_simt_<T>, the plain fallback with the same contract):
-// out and lse as above. Launch: see the kernel's comment (grid.x = query tiles of the
-// longest segment, grid.y = heads, grid.z = segments; tiles past a segment's end return).
+// Two implementations of every attention kernel, same contract and same grid:
+//   attn_<k>_f16 / attn_<k>_bf16: tensor cores (WMMA); head_dim a multiple of 16, <= 128;
+//     bf16 needs sm_80+ (built for sm_70/75 the bf16 kernels trap). FT_ATTN_TC_THREADS.
+//   attn_<k>_simt_<T> (f32, f16, bf16) and attn_<k>_f32 (the same SIMT code): plain FMA
+//     loops; any even head_dim <= 128. FT_ATTN_SIMT_THREADS.
+// Grids (x = tiles of FT_ATTN_TILE rows; tiles past a segment's end do nothing):
+//   attn_fwd, attn_bwd_dq : (ceil(max len / 64), heads, n_segs)
+//   attn_bwd_dkdv         : (ceil(max (past + len) / 64), kv_heads, n_segs)
+//   attn_bwd_dot          : (n_rows, 1, 1), FT_ATTN_DOT_THREADS (no separate tensor-core
+//                           version: attn_bwd_dot_simt_<T> is the same kernel)
+// Every grid index is also a grid-stride loop, so a smaller grid is still correct (cap y
+// and z at 65535). A block with another shape than documented traps. No dynamic shared
+// memory; static shared memory stays below 48 KB (no opt-in attribute needed).
+#define FT_ATTN_TILE 64
+#define FT_ATTN_TC_THREADS 128
+#define FT_ATTN_SIMT_THREADS 256
+#define FT_ATTN_DOT_THREADS 128
+#define FT_ATTN_MAX_HEAD_DIM 128
+
+// attn_fwd_<T> / attn_fwd_simt_<T>: out and lse as above.
 template <class T>
 struct AttnFwdParams {
     const T* q;
@@ -301,11 +325,12 @@ struct AttnFwdParams {
 // attn_bwd_dot_<T>: delta[h·lse_stride + row] = Σ_c dout[row, h·d + c] · out[row, h·d + c]
 // (f32), for every query row of every segment. Launch: grid.x = total rows (the caller
 // passes n_rows = q_row + len of the last segment, rows not in a segment are computed too:
-// harmless), 128 threads.
+// harmless), 128 threads (any multiple of 32).
 //
 // attn_bwd_dkdv_<T>: for every segment, kv head g and tile of keys, dk and dv (written,
-// not added, into segs[s].dk / .dv) summed over the query heads of the group and every
-// query row that sees those keys, with P recomputed from q, k and lse:
+// not added, into segs[s].dk / .dv; every key row 0 .. past+len−1, zeros where no query
+// sees the key) summed over the query heads of the group and every query row that sees
+// those keys, with P recomputed from q, k and lse:
 //   P = exp(S − lse), dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − delta), dK = dSᵀ Q · scale.
 // attn_bwd_dq_<T>: dq (written into `dq`, rows dq_stride apart, same row numbering as q)
 //   dQ = dS K · scale, for every segment, query head and tile of query rows.

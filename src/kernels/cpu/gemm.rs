@@ -1,62 +1,25 @@
-//! `x @ w.T` on the CPU without a graph: for a few rows of `x` (decoding: one row per
-//! conversation) our own kernel, for more the `gemm` crate called directly.
+//! Matrix products on the CPU in f32: the `gemm` crate called directly, writing into
+//! fresh memory or accumulating into the destination, and our own kernel for `x @ w.T` with
+//! a few rows of `x` (decoding: one row per conversation).
 //!
-//! Why our own kernel: candle's CPU matmul (the `gemm` crate) packs the weight matrix into
+//! Why our own kernel: the `gemm` crate (candle's CPU matmul) packs the weight matrix into
 //! panels on every call. For a handful of rows that packing reads and writes the whole
 //! weight once more, so a decoding step moved the weights through memory about twice (a
 //! profile of batched decoding: ~50 % of the time in the packing routines). Here every
-//! weight row is read once, straight from the safetensors-backed tensor, and dotted with
-//! all rows of `x` while it is in cache; output columns are split across threads.
+//! weight row is read once and dotted with all rows of `x` while it is in cache; output
+//! columns are split across threads.
 //!
-//! For more rows (prefill) `gemm` is what candle would call too, but candle zero-fills the
-//! output first; written into fresh capacity the output is touched once (a prefill profile
-//! had ~4 % in that memset).
+//! For more rows `gemm` is called with the destination as is: candle's matmul zero-fills
+//! its output first; written into fresh capacity the output is touched once (a prefill
+//! profile had ~4 % in that memset), and accumulating needs no separate add.
 
-use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
 
-/// Rows of `x` up to which [`linear`] uses this kernel.
+/// Rows of `x` up to which [`product`] uses the row kernel for `x @ w.T`.
 pub const MAX_ROWS: usize = 16;
 const LANES: usize = 16;
 /// Output columns per parallel task (a 3072-wide weight row is 12 KiB).
 const COLS_PER_TASK: usize = 64;
-
-/// `x @ w.T` for `x` (m, k) and `w` (n, k), both f32, contiguous and on the CPU: the
-/// row kernel up to [`MAX_ROWS`] rows, `gemm` above; `None` when neither applies (the
-/// caller uses candle's).
-pub fn linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    let (Ok((m, k)), Ok((n, k2))) = (x.dims2(), w.dims2()) else {
-        return Ok(None);
-    };
-    if m == 0
-        || k != k2
-        || !matches!(x.device(), Device::Cpu)
-        || x.dtype() != DType::F32
-        || w.dtype() != DType::F32
-        || !x.is_contiguous()
-        || !w.is_contiguous()
-    {
-        return Ok(None);
-    }
-    let compute = |xv: &[f32], wv: &[f32]| -> Result<Tensor> {
-        if m > MAX_ROWS {
-            return Tensor::from_vec(gemm_xwt(xv, wv, m, k, n), (m, n), &Device::Cpu);
-        }
-        // Computed transposed, (n, m): each task owns a contiguous block of output columns.
-        let mut yt = vec![0f32; n * m];
-        yt.par_chunks_mut(COLS_PER_TASK * m)
-            .enumerate()
-            .for_each(|(t, out)| {
-                let j0 = t * COLS_PER_TASK;
-                let rows = out.len() / m;
-                dot_rows(&wv[j0 * k..(j0 + rows) * k], xv, m, k, out);
-            });
-        Tensor::from_vec(yt, (n, m), &Device::Cpu)?
-            .t()?
-            .contiguous()
-    };
-    with_cpu_f32(x, w, compute).transpose()
-}
 
 /// `x` (m, k) @ `w` (n, k)ᵀ with `gemm` on candle's thread count, into new memory.
 pub(crate) fn gemm_xwt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
@@ -109,7 +72,14 @@ impl<'a> Mat<'a> {
 
 /// `beta · a @ b` into new memory, on candle's thread count.
 pub(crate) fn product(a: Mat, b: Mat, beta: f32) -> Vec<f32> {
-    let ((m, _), (_, n)) = (a.used().0, b.used().0);
+    let ((m, k), (_, n)) = (a.used().0, b.used().0);
+    if m <= MAX_ROWS && m > 0 && !a.t && b.t && a.data.len() >= m * k {
+        let mut y = skinny_xwt(&a.data[..m * k], b.data, m, k, n);
+        if beta != 1.0 {
+            y.iter_mut().for_each(|v| *v *= beta);
+        }
+        return y;
+    }
     let mut y: Vec<f32> = Vec::with_capacity(m * n);
     // SAFETY: `y` has capacity for the m·n values `product_into` writes (without
     // accumulating, nothing is read first).
@@ -204,52 +174,27 @@ pub(crate) unsafe fn mm(
     )
 }
 
-/// Runs `f` on the data of two contiguous f32 CPU tensors; `None` when either is not one.
-pub(crate) fn with_cpu_f32<R>(
-    a: &Tensor,
-    b: &Tensor,
-    f: impl FnOnce(&[f32], &[f32]) -> R,
-) -> Option<R> {
-    let (sa, la) = a.storage_and_layout();
-    let (sb, lb) = b.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(va)), Storage::Cpu(CpuStorage::F32(vb))) = (&*sa, &*sb)
-    else {
-        return None;
-    };
-    let ((a0, a1), (b0, b1)) = (la.contiguous_offsets()?, lb.contiguous_offsets()?);
-    Some(f(&va[a0..a1], &vb[b0..b1]))
-}
-
-/// `x @ w` for `x` (m, k) and `w` (k, n), f32, contiguous, on the CPU, with more than
-/// [`MAX_ROWS`] rows, by `gemm` into fresh memory; candle's matmul otherwise (the backward
-/// of a frozen linear: `dy @ w`).
-pub fn matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let fast = matches!(x.device(), Device::Cpu)
-        && x.dtype() == DType::F32
-        && w.dtype() == DType::F32
-        && x.is_contiguous()
-        && w.is_contiguous()
-        && x.dims2().is_ok_and(|(m, _)| m > MAX_ROWS);
-    if !fast {
-        return x.matmul(w);
+/// `x` (m ≤ [`MAX_ROWS`], k) @ `w` (n, k)ᵀ by the row kernel.
+fn skinny_xwt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    // Computed transposed, (n, m): each task owns a contiguous block of output columns.
+    let mut yt = vec![0f32; n * m];
+    yt.par_chunks_mut(COLS_PER_TASK * m)
+        .enumerate()
+        .for_each(|(t, out)| {
+            let j0 = t * COLS_PER_TASK;
+            let rows = out.len() / m;
+            dot_rows(&w[j0 * k..(j0 + rows) * k], x, m, k, out);
+        });
+    if m == 1 {
+        return yt;
     }
-    let ((m, k), (k2, n)) = (x.dims2()?, w.dims2()?);
-    if k != k2 {
-        return x.matmul(w); // candle's shape error
+    let mut y = vec![0f32; m * n];
+    for (j, col) in yt.chunks(m).enumerate() {
+        for (i, &v) in col.iter().enumerate() {
+            y[i * n + j] = v;
+        }
     }
-    match with_cpu_f32(x, w, |xv, wv| gemm_xw(xv, wv, m, k, n)) {
-        Some(y) => Tensor::from_vec(y, (m, n), &Device::Cpu),
-        None => x.matmul(w),
-    }
-}
-
-/// `x @ w.T` without a graph: on the CPU in f32 [`linear`]'s paths, candle's matmul
-/// otherwise.
-pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    match linear(x, w)? {
-        Some(y) => Ok(y),
-        None => x.matmul(&w.t()?),
-    }
+    y
 }
 
 /// For every weight row j of `w` (rows × k): `out[j * m + i] = w_j · x_i`.
@@ -327,9 +272,27 @@ fn body<const M: usize>(w: &[f32], x: &[f32], k: usize, out: &mut [f32]) {
 mod tests {
     use super::*;
 
+    fn naive(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, bt: bool) -> Vec<f64> {
+        let mut y = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                for c in 0..k {
+                    let bv = if bt { b[j * k + c] } else { b[c * n + j] };
+                    y[i * n + j] += a[i * k + c] as f64 * bv as f64;
+                }
+            }
+        }
+        y
+    }
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
+    }
+
     #[test]
-    fn equals_candle_matmul() {
-        let dev = Device::Cpu;
+    fn products_equal_the_definition() {
         for (m, k, n) in [
             (1, 64, 10),
             (4, 100, 130),
@@ -338,43 +301,25 @@ mod tests {
             (17, 40, 9),
             (300, 96, 130),
         ] {
-            let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
-            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
-            let got = linear(&x, &w).unwrap().expect("applies");
-            let want = x.matmul(&w.t().unwrap()).unwrap();
-            let diff = crate::model::ops::tests::max_diff(&got, &want);
-            let scale = crate::model::ops::tests::max_abs(&want);
-            assert!(diff <= 1e-5 * scale.max(1.0), "{m}x{k}x{n}: {diff}");
-        }
-    }
-
-    #[test]
-    fn matmul_equals_candle() {
-        let dev = Device::Cpu;
-        for (m, k, n) in [(3, 8, 5), (40, 96, 130)] {
-            let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
-            let w = Tensor::randn(0f32, 1.0, (k, n), &dev).unwrap();
-            let got = matmul(&x, &w).unwrap().to_vec2::<f32>().unwrap();
-            let want = x.matmul(&w).unwrap().to_vec2::<f32>().unwrap();
-            for (a, b) in got.iter().flatten().zip(want.iter().flatten()) {
+            let (x, w) = (rand(m * k, 1), rand(n * k, 2));
+            let got = product(Mat::new(&x, m, k), Mat::new(&w, n, k).t(), 0.5);
+            let want = naive(&x, &w, m, k, n, true);
+            for (a, b) in got.iter().zip(&want) {
                 assert!(
-                    (a - b).abs() <= 1e-4 * b.abs().max(1.0),
-                    "{m}x{k}x{n}: {a} vs {b}"
+                    (*a as f64 - 0.5 * b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{m}x{k}x{n}"
+                );
+            }
+            let w2 = rand(k * n, 3);
+            let mut acc = vec![1f32; m * n];
+            add_product(&mut acc, Mat::new(&x, m, k), Mat::new(&w2, k, n), 2.0);
+            let want = naive(&x, &w2, m, k, n, false);
+            for (a, b) in acc.iter().zip(&want) {
+                assert!(
+                    (*a as f64 - 1.0 - 2.0 * b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{m}x{k}x{n}"
                 );
             }
         }
-    }
-
-    #[test]
-    fn declines_what_it_does_not_handle() {
-        let dev = Device::Cpu;
-        let w = Tensor::zeros((8, 4), DType::F32, &dev).unwrap();
-        let f64x = Tensor::zeros((2, 4), DType::F64, &dev).unwrap();
-        assert!(linear(&f64x, &w).unwrap().is_none());
-        let strided = Tensor::zeros((4, 2), DType::F32, &dev)
-            .unwrap()
-            .t()
-            .unwrap();
-        assert!(linear(&strided, &w).unwrap().is_none());
     }
 }

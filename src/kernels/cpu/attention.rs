@@ -13,11 +13,33 @@ use rayon::prelude::*;
 /// Query rows per task: enough rows for `gemm`'s kernels, and enough tasks to share.
 const BLOCK: usize = 64;
 
-/// A strided `(heads, rows, dim)` f32 view: `data[h * head_stride + r * dim + c]`.
+/// A strided `(heads, rows, dim)` f32 view: `data[h * head_stride + r * row_stride + c]`
+/// (head-major: `row_stride = dim`; the token rows of a fused `qkv` buffer: `head_stride =
+/// dim`, `row_stride` = the row width).
 #[derive(Clone, Copy)]
 pub struct HeadsView<'a> {
     pub data: &'a [f32],
     pub head_stride: usize,
+    pub row_stride: usize,
+}
+
+impl HeadsView<'_> {
+    /// Row `r` of head `h` (`dim` values).
+    fn row(&self, h: usize, r: usize, dim: usize) -> &[f32] {
+        &self.data[h * self.head_stride + r * self.row_stride..][..dim]
+    }
+
+    /// Checks that rows `0..rows` of `heads` heads fit the data.
+    fn check(&self, heads: usize, rows: usize, dim: usize) {
+        if heads > 0 && rows > 0 {
+            let last = (heads - 1) * self.head_stride + (rows - 1) * self.row_stride + dim;
+            assert!(
+                last <= self.data.len(),
+                "attention view: {last} > {}",
+                self.data.len()
+            );
+        }
+    }
 }
 
 /// One segment: `len` queries at positions `past..past + len`, seeing keys `0..past + len`
@@ -47,6 +69,9 @@ pub fn attend(seg: &Segment, out: &mut [f32], row_stride: usize) {
     assert!(seg.heads.is_multiple_of(seg.kv_heads) && row_stride >= seg.heads * d);
     assert!(len == 0 || out.len() >= (len - 1) * row_stride + seg.heads * d);
     let rep = seg.heads / seg.kv_heads;
+    seg.q.check(seg.heads, len, d);
+    seg.k.check(seg.kv_heads, seg.past + len, d);
+    seg.v.check(seg.kv_heads, seg.past + len, d);
     let blocks = len.div_ceil(BLOCK);
     let out_ptr = OutPtr(out.as_mut_ptr());
     let out_ptr = &out_ptr;
@@ -60,10 +85,10 @@ pub fn attend(seg: &Segment, out: &mut [f32], row_stride: usize) {
         let (kb, ke) = (first(r0), seg.past + r1);
         let nk = ke - kb;
         // q rows scaled, as the composed path scales q (not the scores)
-        let qsrc = &seg.q.data[h * seg.q.head_stride + r0 * d..][..rows * d];
-        let qs: Vec<f32> = qsrc.iter().map(|&x| x * seg.scale).collect();
-        let kptr = seg.k.data[g * seg.k.head_stride + kb * d..][..nk * d].as_ptr();
-        let vptr = seg.v.data[g * seg.v.head_stride + kb * d..][..nk * d].as_ptr();
+        let qs = scaled_rows(&seg.q, h, r0..r1, d, seg.scale);
+        let kptr = seg.k.row(g, kb, d).as_ptr();
+        let vptr = seg.v.row(g, kb, d).as_ptr();
+        let (ks, vs) = (seg.k.row_stride, seg.v.row_stride);
         let mut s = vec![0f32; rows * nk];
         // SAFETY: all pointers and strides stay inside the slices taken above; the
         // destination rectangle of the second product (rows r0..r1, columns h·d..(h+1)·d)
@@ -78,7 +103,7 @@ pub fn attend(seg: &Segment, out: &mut [f32], row_stride: usize) {
                 qs.as_ptr(),
                 (d, 1),
                 kptr,
-                (1, d),
+                (1, ks),
                 1.0,
             );
             masked_softmax_rows(seg, &mut s, nk, r0, kb);
@@ -92,17 +117,41 @@ pub fn attend(seg: &Segment, out: &mut [f32], row_stride: usize) {
                 s.as_ptr(),
                 (nk, 1),
                 vptr,
-                (d, 1),
+                (vs, 1),
                 1.0,
             );
         }
     });
 }
 
-/// [`super::skinny::mm`] on the calling thread (the callers already run in parallel).
+/// Rows `rows` of head `h`, multiplied by `scale`, packed `(rows, dim)`.
+fn scaled_rows(
+    v: &HeadsView,
+    h: usize,
+    rows: std::ops::Range<usize>,
+    d: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows.len() * d);
+    for r in rows {
+        out.extend(v.row(h, r, d).iter().map(|&x| x * scale));
+    }
+    out
+}
+
+/// Rows `rows` of head `h`, packed `(rows, dim)`.
+fn packed_rows(v: &HeadsView, h: usize, rows: std::ops::Range<usize>, d: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows.len() * d);
+    for r in rows {
+        out.extend_from_slice(v.row(h, r, d));
+    }
+    out
+}
+
+/// [`super::gemm::mm`] on the calling thread (the callers already run in parallel).
 ///
 /// # Safety
-/// As [`super::skinny::mm`].
+/// As [`super::gemm::mm`].
 #[allow(clippy::too_many_arguments)]
 unsafe fn mm(
     shape: (usize, usize, usize),
@@ -115,7 +164,7 @@ unsafe fn mm(
     rhs_strides: (usize, usize),
     beta: f32,
 ) {
-    super::skinny::mm(
+    super::gemm::mm(
         shape,
         dst,
         dst_strides,
@@ -164,6 +213,10 @@ pub fn attend_backward(
     let rep = seg.heads / seg.kv_heads;
     assert!(dq.len() >= seg.heads * len * d && dk.len() >= seg.kv_heads * total * d);
     assert!(dv.len() >= seg.kv_heads * total * d);
+    seg.q.check(seg.heads, len, d);
+    seg.k.check(seg.kv_heads, total, d);
+    seg.v.check(seg.kv_heads, total, d);
+    dy.check(seg.heads, len, d);
     let dq_heads: Vec<&mut [f32]> = dq.chunks_mut(len * d).take(seg.heads).collect();
     let mut dq_groups: Vec<Vec<&mut [f32]>> = Vec::with_capacity(seg.kv_heads);
     let mut it = dq_heads.into_iter();
@@ -176,8 +229,7 @@ pub fn attend_backward(
         .zip(dv.par_chunks_mut(total * d))
         .enumerate()
         .for_each(|(g, ((dqs, dkg), dvg))| {
-            let kbase = &seg.k.data[g * seg.k.head_stride..][..total * d];
-            let vbase = &seg.v.data[g * seg.v.head_stride..][..total * d];
+            let (ks, vs) = (seg.k.row_stride, seg.v.row_stride);
             for (j, dqh) in dqs.into_iter().enumerate() {
                 let h = g * rep + j;
                 for b in 0..len.div_ceil(BLOCK) {
@@ -185,10 +237,10 @@ pub fn attend_backward(
                     let rows = r1 - r0;
                     let kb = (seg.past + r0 + 1).saturating_sub(seg.window);
                     let nk = seg.past + r1 - kb;
-                    let q = &seg.q.data[h * seg.q.head_stride + r0 * d..][..rows * d];
+                    let q = packed_rows(&seg.q, h, r0..r1, d);
                     let qs: Vec<f32> = q.iter().map(|&x| x * seg.scale).collect();
-                    let dout = &dy.data[h * dy.head_stride + r0 * d..][..rows * d];
-                    let (kp, vp) = (kbase[kb * d..].as_ptr(), vbase[kb * d..].as_ptr());
+                    let dout = packed_rows(&dy, h, r0..r1, d);
+                    let (kp, vp) = (seg.k.row(g, kb, d).as_ptr(), seg.v.row(g, kb, d).as_ptr());
                     let mut p = vec![0f32; rows * nk];
                     let mut dp = vec![0f32; rows * nk];
                     // SAFETY (all `mm` calls): shapes and strides below stay inside the
@@ -203,7 +255,7 @@ pub fn attend_backward(
                             qs.as_ptr(),
                             (d, 1),
                             kp,
-                            (1, d),
+                            (1, ks),
                             1.0,
                         );
                         mm(
@@ -214,7 +266,7 @@ pub fn attend_backward(
                             dout.as_ptr(),
                             (d, 1),
                             vp,
-                            (1, d),
+                            (1, vs),
                             1.0,
                         );
                     }
@@ -248,7 +300,7 @@ pub fn attend_backward(
                             ds.as_ptr(),
                             (nk, 1),
                             kp,
-                            (d, 1),
+                            (ks, 1),
                             seg.scale,
                         );
                         mm(
@@ -283,14 +335,14 @@ mod tests {
             let g = h / rep;
             for i in 0..seg.len {
                 let p = seg.past + i;
-                let q = &seg.q.data[h * seg.q.head_stride + i * d..][..d];
+                let q = seg.q.row(h, i, d);
                 let vis: Vec<usize> = (0..total)
                     .filter(|&j| j <= p && p - j < seg.window)
                     .collect();
                 let scores: Vec<f64> = vis
                     .iter()
                     .map(|&j| {
-                        let k = &seg.k.data[g * seg.k.head_stride + j * d..][..d];
+                        let k = seg.k.row(g, j, d);
                         q.iter()
                             .zip(k)
                             .map(|(&a, &b)| (a * seg.scale) as f64 * b as f64)
@@ -301,7 +353,7 @@ mod tests {
                 let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                 let z: f64 = e.iter().sum();
                 for (w, &j) in e.iter().zip(&vis) {
-                    let v = &seg.v.data[g * seg.v.head_stride + j * d..][..d];
+                    let v = seg.v.row(g, j, d);
                     for c in 0..d {
                         out[i * seg.heads * d + h * d + c] += w / z * v[c] as f64;
                     }
@@ -321,7 +373,7 @@ mod tests {
             vec![0f64; seg.kv_heads * total * d],
         );
         let at = |v: &HeadsView, h: usize, r: usize, c: usize| {
-            v.data[h * v.head_stride + r * d + c] as f64
+            v.data[h * v.head_stride + r * v.row_stride + c] as f64
         };
         let sc = seg.scale as f64;
         for h in 0..seg.heads {
@@ -383,14 +435,17 @@ mod tests {
                 q: HeadsView {
                     data: &q,
                     head_stride: len * dim,
+                    row_stride: dim,
                 },
                 k: HeadsView {
                     data: &k,
                     head_stride: total * dim,
+                    row_stride: dim,
                 },
                 v: HeadsView {
                     data: &v,
                     head_stride: total * dim,
+                    row_stride: dim,
                 },
                 len,
                 past,
@@ -410,6 +465,7 @@ mod tests {
                 HeadsView {
                     data: &dy,
                     head_stride: len * dim,
+                    row_stride: dim,
                 },
                 &mut dq,
                 &mut dk,
@@ -449,14 +505,17 @@ mod tests {
                 q: HeadsView {
                     data: &q,
                     head_stride: len * dim,
+                    row_stride: dim,
                 },
                 k: HeadsView {
                     data: &k,
                     head_stride: cap * dim,
+                    row_stride: dim,
                 },
                 v: HeadsView {
                     data: &v,
                     head_stride: cap * dim,
+                    row_stride: dim,
                 },
                 len,
                 past,

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The GPU check: one command on a GPU machine with no internet and no Rust toolchain (it
+# needs python3 with torch, transformers, peft, pytest; nvidia-smi; optionally
+# compute-sanitizer), given the CUDA wheel built beforehand on a CPU machine
+# (scripts/build_cuda.sh):
+#
+#   bash scripts/gpu_check.sh [dist-cuda/ferrotune-<ver>+cu12-...whl]
+#
+# Every step runs on its own with a time limit (a failure or a crashed kernel does not hide
+# the steps after it); the whole run stays under ~8 minutes on one H100:
+#   1. environment: GPU, driver, torch; the wheel installed into a virtualenv that sees the
+#      system's site-packages (pip --no-index --no-deps: the NVIDIA libraries torch brought
+#      serve, CUDA 12's or 13's)
+#   2. self-check: every CUDA primitive against its CPU twin at Phi-3's sizes, per precision
+#      (bf16, fp16, f32), each in its own process
+#   3. compute-sanitizer memcheck of the small self-check, racecheck of attention (if present)
+#   4. pytest -m gpu: the model vs the CPU, gradients vs peft, 20 training steps vs
+#      transformers + peft, greedy generation vs transformers
+#   5. bench/gpu_train.py: Phi-3-mini dimensions, packed 4096-token rows, bf16, LoRA r 16,
+#      ferrotune vs transformers + peft (sdpa) in the same run: tokens/s, MFU, peak memory
+#   6. bench/bench_generate.py on the GPU: prefill and decode vs transformers `generate`
+# Results in $OUT (default ./gpu_check_out): gpu_check.json and gpu_check.md (the summary),
+# gpu_check.log (every step's output), train_gpu.json, generate_gpu.json.
+#
+# Environment: OUT, PYTHON (default python3), GPU_CHECK_STEPS (e.g. "selfcheck pytest" to
+# run some steps only), GPU_CHECK_QUICK=1 (shorter benchmarks).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-$ROOT/gpu_check_out}
+PY=${PYTHON:-python3}
+STEPS=${GPU_CHECK_STEPS:-"env selfcheck sanitizer pytest train generate"}
+mkdir -p "$OUT"
+WORK=$(mktemp -d /tmp/ferrotune-gpu-check.XXXXXX)
+LOG=$OUT/gpu_check.log
+: >"$LOG"
+export PYTHONUNBUFFERED=1 FERROTUNE_TF32=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+T0=$(date +%s)
+
+say() { echo "$*" | tee -a "$LOG"; }
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+# run NAME SECONDS CMD...: output into the log; status into $WORK/status.tsv
+run() {
+  local name=$1 limit=$2; shift 2
+  local t=$(date +%s)
+  say ""
+  say "== $name (limit ${limit}s): $*"
+  timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  local took=$(( $(date +%s) - t ))
+  say "== $name: exit $rc after ${took}s"
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$took" >>"$WORK/status.tsv"
+  return 0
+}
+
+WHEEL=${1:-$(ls "$ROOT"/dist-cuda/ferrotune-*+cu12*.whl 2>/dev/null | head -n 1)}
+if [ -z "$WHEEL" ] || [ ! -f "$WHEEL" ]; then
+  echo "error: no CUDA wheel (build it with scripts/build_cuda.sh and carry dist-cuda/)" >&2
+  exit 2
+fi
+
+# 1. a virtualenv that sees the system's packages (torch, transformers, peft, the NVIDIA
+# libraries). The system python may itself be a venv, whose packages --system-site-packages
+# would not show: a .pth file points at them.
+VENV=$WORK/venv
+"$PY" -m venv "$VENV"
+SYS_SITE=$("$PY" -c 'import site; print(site.getsitepackages()[0])')
+VSITE=$("$VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')
+echo "$SYS_SITE" >"$VSITE/system-site.pth"
+"$VENV/bin/python" -m pip install -q --no-index --no-deps --no-compile "$WHEEL" >>"$LOG" 2>&1 \
+  || { say "error: could not install $WHEEL"; exit 1; }
+VPY=$VENV/bin/python
+
+if want env; then
+  run env 60 bash -c "nvidia-smi; $VPY - <<'EOF'
+import json, ferrotune, torch
+print('ferrotune', ferrotune.__version__, ferrotune.__file__)
+print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))
+print('cuda_available', ferrotune.cuda_available())
+EOF"
+fi
+
+if want selfcheck; then
+  for p in bf16 fp16 32; do
+    run "selfcheck-$p" 150 "$VPY" -c "
+import json, sys, ferrotune
+checks = json.loads(ferrotune._core._gpu_selfcheck('cuda', '$p', full=True))
+json.dump(checks, open('$WORK/selfcheck_$p.json', 'w'), indent=1)
+for c in checks:
+    print(('ok  ' if c['passed'] else 'FAIL'), c['name'], c['dtype'], '%.3g <= %.3g' % (c['error'], c['tolerance']), c['shapes'], c['failure'] or '')
+sys.exit(0 if all(c['passed'] for c in checks) else 1)"
+  done
+fi
+
+if want sanitizer && command -v compute-sanitizer >/dev/null 2>&1; then
+  run memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 "$VPY" -c \
+    "import ferrotune; print(ferrotune._core._gpu_selfcheck('cuda', 'bf16', full=False))"
+  run racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 "$VPY" -c \
+    "import ferrotune; print(ferrotune._core._gpu_selfcheck('cuda', 'bf16', full=False, only='attention'))"
+fi
+
+if want pytest; then
+  run pytest 240 "$VPY" -m pytest -m gpu -q -p no:cacheprovider -rs --junitxml "$WORK/pytest.xml" tests
+fi
+
+if want train; then
+  QUICK=()
+  [ "${GPU_CHECK_QUICK:-0}" = 1 ] && QUICK=(--steps 4 --warmup 2)
+  run train 330 "$VPY" bench/gpu_train.py --out "$OUT/train_gpu.json" "${QUICK[@]}"
+fi
+
+if want generate; then
+  run generate 150 "$VPY" bench/bench_generate.py --device cuda --dtype bfloat16 \
+    --hidden 3072 --layers 32 --heads 32 --intermediate 8192 --batches 1,8 --prompt 512 \
+    --new 64 --repeats 3 --threads 8 --out "$OUT/generate_gpu.json"
+fi
+
+"$VPY" scripts/gpu_check_report.py --work "$WORK" --out "$OUT" --wheel "$WHEEL" \
+  --seconds $(( $(date +%s) - T0 )) | tee -a "$LOG"
+rm -rf "$WORK"

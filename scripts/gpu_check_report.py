@@ -1,0 +1,118 @@
+"""Collects the steps of scripts/gpu_check.sh into one JSON and one markdown table.
+
+    python scripts/gpu_check_report.py --work DIR --out DIR --wheel WHEEL --seconds N
+
+Reads DIR/status.tsv (step, exit code, seconds), DIR/selfcheck_<precision>.json,
+DIR/pytest.xml (JUnit), OUT/train_gpu.json and OUT/generate_gpu.json when present; writes
+OUT/gpu_check.json and OUT/gpu_check.md, and prints the markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+
+def gpu_name() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0]
+    except Exception:
+        return "unknown GPU"
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def pytest_summary(path: Path) -> dict:
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        return {}
+    cases = root.iter("testcase")
+    out = {"passed": 0, "failed": 0, "skipped": 0, "failures": []}
+    for c in cases:
+        name = f"{c.get('classname', '')}::{c.get('name', '')}"
+        if c.find("failure") is not None or c.find("error") is not None:
+            out["failed"] += 1
+            el = c.find("failure") if c.find("failure") is not None else c.find("error")
+            out["failures"].append({"test": name, "message": (el.get("message") or "")[:300]})
+        elif c.find("skipped") is not None:
+            out["skipped"] += 1
+        else:
+            out["passed"] += 1
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--wheel", required=True)
+    ap.add_argument("--seconds", type=int, default=0)
+    a = ap.parse_args()
+    work, out = Path(a.work), Path(a.out)
+    steps = []
+    status = work / "status.tsv"
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            name, rc, took = line.split("\t")
+            steps.append({"step": name, "exit": int(rc), "seconds": int(took),
+                          "result": "ok" if rc == "0" else ("timed out" if rc in ("124", "137") else "failed")})
+    selfcheck = {}
+    for f in sorted(work.glob("selfcheck_*.json")):
+        selfcheck[f.stem.split("_", 1)[1]] = read_json(f) or []
+    tests = pytest_summary(work / "pytest.xml")
+    train = read_json(out / "train_gpu.json")
+    gen = read_json(out / "generate_gpu.json")
+    report = {"gpu": gpu_name(), "wheel": Path(a.wheel).name, "seconds": a.seconds, "steps": steps,
+              "selfcheck": selfcheck, "pytest": tests,
+              "train": train and {"comparison": train.get("comparison"), "runs": [
+                  {k: r.get(k) for k in ("tool", "phase", "mfu", "gpu_used_peak_minus_baseline_mib", "error", "oom")}
+                  | {"tokens_per_second": (r.get("result") or {}).get("tokens_per_second")} for r in train.get("runs", [])]},
+              "generate": gen and gen.get("rows")}
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
+
+    md = [f"# GPU check: {report['gpu']}", "", f"wheel `{report['wheel']}`, {a.seconds} s in all", "",
+          "| step | result | seconds |", "|---|---|---:|"]
+    md += [f"| {s['step']} | {s['result']} (exit {s['exit']}) | {s['seconds']} |" for s in steps]
+    for prec, checks in selfcheck.items():
+        bad = [c for c in checks if not c["passed"]]
+        md += ["", f"## Self-check, precision {prec}: {len(checks) - len(bad)} of {len(checks)} within tolerance", "",
+               "| check | error | tolerance | shapes |", "|---|---:|---:|---|"]
+        md += [f"| {'' if c['passed'] else '**FAIL** '}{c['name']} | {c['error']:.3g} | {c['tolerance']:.3g} | "
+               f"{c['shapes']}{(' — ' + c['failure']) if c['failure'] else ''} |" for c in checks]
+    if tests:
+        md += ["", f"## pytest -m gpu: {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped"]
+        md += [f"- {f['test']}: {f['message']}" for f in tests["failures"]]
+    if train:
+        md += ["", "## Training (bench/gpu_train.py)", "", "| tool | phase | tokens/s | MFU % | GPU peak MiB |", "|---|---|---:|---:|---:|"]
+        for r in report["train"]["runs"]:
+            tps = r.get("tokens_per_second")
+            md.append(f"| {r['tool']} | {r['phase']} | {tps and f'{tps:,.0f}'} | "
+                      f"{r.get('mfu') and f'{100 * r['mfu']:.1f}'} | {r.get('gpu_used_peak_minus_baseline_mib')} |"
+                      + (f" {r.get('error') or r.get('oom')}" if r.get("error") or r.get("oom") else ""))
+        for c in train.get("comparison") or []:
+            md.append(f"- {c['phase']}: speed ferrotune/peer {c.get('speed_ratio_ferrotune_over_peer', float('nan')):.2f}x, "
+                      f"GPU memory ferrotune/peer {c.get('gpu_mem_ratio_ferrotune_over_peer', float('nan')):.2f}, "
+                      f"max loss difference {c.get('loss_max_abs_diff', float('nan')):.3g}")
+    if gen:
+        md += ["", "## Generation (bench/bench_generate.py)", "", "| B | tool | prefill tok/s | decode tok/s |", "|---:|---|---:|---:|"]
+        md += [f"| {r['batch']} | {r['tool']} | {r['prefill_tokens_per_second']:,.0f} | {r['decode_tokens_per_second']:,.1f} |"
+               for r in gen.get("rows", [])]
+    text = "\n".join(md) + "\n"
+    (out / "gpu_check.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

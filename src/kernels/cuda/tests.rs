@@ -1,0 +1,169 @@
+//! The GPU backend on the emulated GPU against the CPU backend: every primitive
+//! (`selfcheck`, the same checks a real GPU runs in `pytest -m gpu`) in f32, bf16 and fp16,
+//! the parameter layouts, then the whole model. The kernels run from the same CUDA sources
+//! a GPU runs.
+
+use std::sync::Arc;
+
+use super::emu::Emu;
+use super::selfcheck::{self, rel_err, Sizes};
+use super::Gpu;
+use crate::kernels::cpu::Cpu;
+use crate::kernels::{Backend, Dt};
+
+fn gpu(act: Dt) -> Gpu {
+    Gpu::new(Arc::new(Emu::new((8, 0))), act, "emu".into())
+}
+
+#[test]
+fn parameter_structs_match_the_c_layouts() {
+    use super::params as p;
+    use std::mem::size_of;
+    let sizes: &[(&str, usize)] = &[
+        ("rms_norm_fwd_bf16", size_of::<p::RmsNormFwd>()),
+        ("rms_norm_bwd_f16", size_of::<p::RmsNormBwd>()),
+        ("rope_f32", size_of::<p::Rope>()),
+        ("swiglu_fwd_bf16", size_of::<p::Swiglu>()),
+        ("swiglu_bwd_f32", size_of::<p::Swiglu>()),
+        ("dropout_bf16", size_of::<p::Dropout>()),
+        ("cast_f32_to_bf16", size_of::<p::Cast>()),
+        ("add_f16", size_of::<p::Add>()),
+        ("copy_rows_bf16", size_of::<p::CopyRows>()),
+        ("gather_rows_f32", size_of::<p::Rows>()),
+        ("scatter_rows_bf16", size_of::<p::Rows>()),
+        ("ce_rows_bf16", size_of::<p::CeRows>()),
+        ("sum_f32", size_of::<p::Sum>()),
+        ("adamw_f32", size_of::<p::AdamW>()),
+        ("attn_fwd_bf16", size_of::<p::AttnFwd>()),
+        ("attn_fwd_simt_f16", size_of::<p::AttnFwd>()),
+        ("attn_bwd_dot_simt_bf16", size_of::<p::AttnBwd>()),
+        ("attn_bwd_dkdv_bf16", size_of::<p::AttnBwd>()),
+        ("attn_bwd_dq_f16", size_of::<p::AttnBwd>()),
+    ];
+    for &(name, rust) in sizes {
+        let c = Emu::params_size(name).unwrap_or_else(|| panic!("no kernel {name}"));
+        assert_eq!(c as usize, rust, "{name}");
+    }
+    assert_eq!(size_of::<p::AttnSeg>(), 48);
+}
+
+#[test]
+fn every_primitive_matches_the_cpu_in_f32_bf16_and_fp16() {
+    for act in [Dt::F32, Dt::BF16, Dt::F16] {
+        let checks = selfcheck::run(&gpu(act), Sizes { full: false }, None);
+        assert!(checks.len() >= 30, "{} checks", checks.len());
+        let failed: Vec<_> = checks.iter().filter(|c| !c.passed).collect();
+        assert!(failed.is_empty(), "{act:?}: {failed:#?}");
+    }
+}
+
+#[test]
+fn the_simt_attention_kernels_match_too() {
+    // FERROTUNE_ATTENTION=simt's kernels (and f32's) on the 16-bit types
+    for act in [Dt::BF16, Dt::F16] {
+        let g = gpu(act).with_simt_attention();
+        let checks = selfcheck::run(&g, Sizes { full: false }, Some("attention"));
+        let failed: Vec<_> = checks.iter().filter(|c| !c.passed).collect();
+        assert!(
+            !checks.is_empty() && failed.is_empty(),
+            "{act:?}: {failed:#?}"
+        );
+    }
+}
+
+#[test]
+fn a_device_error_is_reported_as_a_failed_check_not_a_crash() {
+    // a GPU that runs out of memory at once
+    let g = Gpu::new(
+        Arc::new(Emu::with_memory((8, 0), 1000)),
+        Dt::BF16,
+        "emu".into(),
+    );
+    let checks = selfcheck::run(&g, Sizes { full: false }, Some("rms_norm"));
+    assert_eq!(checks.len(), 1);
+    assert!(!checks[0].passed);
+    assert!(checks[0]
+        .failure
+        .as_deref()
+        .unwrap()
+        .contains("out of GPU memory"));
+}
+
+mod model {
+    //! The whole model on the emulated GPU against the CPU.
+    use super::*;
+    use crate::model::phi3::tests::{packed_batch, tiny};
+
+    fn train_step(be: Arc<dyn Backend>, dir: &std::path::Path, dropout: f64) -> (f64, Vec<f32>) {
+        let m = tiny(dir, dropout, be.clone());
+        let b = packed_batch(&m);
+        let mut grads = be.zeros(m.n_lora(), Dt::F32).unwrap();
+        let mut loss = be.zeros(1, Dt::F64).unwrap();
+        let seed = (dropout > 0.0).then_some(7);
+        m.forward_backward(&b, 0.5, false, seed, &mut grads, &mut loss)
+            .unwrap();
+        m.forward_backward(&b, 0.5, true, seed, &mut grads, &mut loss)
+            .unwrap();
+        (be.to_f64(&loss).unwrap()[0], be.to_f32(&grads).unwrap())
+    }
+
+    #[test]
+    fn loss_and_adapter_gradients_match_the_cpu_in_f32_bf16_and_fp16() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("m");
+        for dropout in [0.0, 0.25] {
+            let (l_cpu, g_cpu) = train_step(Arc::new(Cpu), &dir, dropout);
+            for (act, ltol, gtol) in [
+                (Dt::F32, 1e-5, 1e-4),
+                (Dt::BF16, 2e-2, 0.15),
+                (Dt::F16, 5e-3, 0.05),
+            ] {
+                let (l, g) = train_step(Arc::new(gpu(act)), &dir, dropout);
+                assert!(
+                    (l - l_cpu).abs() < ltol * l_cpu.abs(),
+                    "{act:?} dropout {dropout}: loss {l} vs {l_cpu}"
+                );
+                let e = rel_err(&g, &g_cpu);
+                assert!(e < gtol, "{act:?} dropout {dropout}: gradients {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn greedy_generation_matches_the_cpu() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("m");
+        let next = |be: Arc<dyn Backend>| -> Vec<u32> {
+            let m = tiny(&dir, 0.0, be);
+            let mut caches: Vec<_> = (0..2).map(|_| m.new_cache(4).unwrap()).collect();
+            let mut ids = [vec![5u32, 9, 11, 3, 7], vec![2u32, 8]];
+            let mut out = vec![];
+            let mut past = vec![0usize, 0];
+            let mut step: Vec<u32> = ids.concat();
+            let mut lens: Vec<usize> = ids.iter().map(Vec::len).collect();
+            for _ in 0..6 {
+                let b = m.batch_after(&step, &lens, &past).unwrap();
+                let mut refs: Vec<_> = caches.iter_mut().collect();
+                let logits = m.forward_cached(&b, &mut refs).unwrap();
+                step.clear();
+                for (i, row) in logits.iter().enumerate() {
+                    let t = row
+                        .iter()
+                        .enumerate()
+                        .max_by(|a, b| a.1.total_cmp(b.1))
+                        .unwrap()
+                        .0 as u32;
+                    out.push(t);
+                    past[i] += lens[i];
+                    ids[i].push(t);
+                    step.push(t);
+                }
+                lens = vec![1, 1];
+            }
+            out
+        };
+        let want = next(Arc::new(Cpu));
+        assert_eq!(next(Arc::new(gpu(Dt::F32))), want);
+        // the caches grew past their capacity of 4: the growth path ran too
+    }
+}

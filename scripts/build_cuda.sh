@@ -53,7 +53,7 @@ step "toolchain: $TC"
 if [ ! -x "$TC/bin/python" ]; then
   "$PY" -m venv "$TC"
 fi
-"$TC/bin/python" -m pip install -q "maturin>=1.5,<2" "wheel>=0.40" "${CUDA_PKGS[@]}"
+"$TC/bin/python" -m pip install -q "maturin>=1.5,<2" "${CUDA_PKGS[@]}"
 SITE=$("$TC/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
 step "kernels: NVRTC for every architecture"
@@ -76,27 +76,11 @@ fi
 WHL=$(ls "$RAW"/raw/ferrotune-*.whl)
 
 step "relabel +$LABEL and declare the NVIDIA runtime wheels"
-"$TC/bin/python" -m wheel unpack -d "$RAW/unpacked" "$WHL" >/dev/null
-UNP=$(ls -d "$RAW"/unpacked/ferrotune-*)
-DI=$(ls -d "$UNP"/ferrotune-*.dist-info)
-VER=$(sed -n 's/^Version: //p' "$DI/METADATA")
-NEWVER="$VER+$LABEL"
-sed -i "s/^Version: .*/Version: $NEWVER/" "$DI/METADATA"
-for r in "${REQUIRES[@]}"; do
-  # after the last Requires-Dist line (before the description)
-  "$TC/bin/python" - "$DI/METADATA" "$r" <<'PY'
-import sys
-path, req = sys.argv[1], sys.argv[2]
-head, sep, body = open(path).read().partition("\n\n")
-head += "\nRequires-Dist: " + req
-open(path, "w").write(head + sep + body)
-PY
-done
-mv "$DI" "$UNP/ferrotune-$NEWVER.dist-info"
 mkdir -p "$DIST"
 rm -f "$DIST"/ferrotune-*.whl
-"$TC/bin/python" -m wheel pack -d "$DIST" "$UNP" >/dev/null
-OUTWHL=$(ls "$DIST"/ferrotune-*.whl)
+REQ_ARGS=()
+for r in "${REQUIRES[@]}"; do REQ_ARGS+=(--requires "$r"); done
+OUTWHL=$("$TC/bin/python" scripts/cuda_wheel_metadata.py "$WHL" "$DIST" --label "$LABEL" "${REQ_ARGS[@]}")
 
 step "checks"
 "$TC/bin/python" -m zipfile -e "$OUTWHL" "$RAW/check" >/dev/null

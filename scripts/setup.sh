@@ -7,9 +7,11 @@
 #                                    all that `.venv/bin/ferrotune demo` needs (~130 MB)
 #   bash scripts/setup.sh --test     the same plus the test extra (pytest, transformers,
 #                                    torch, trl, peft, ...: several GB) for
-#                                    `.venv/bin/python -m pytest`, built with the
-#                                    emulated GPU (cargo feature gpu-emu) so the tests also
-#                                    run the GPU code path without a GPU
+#                                    `.venv/bin/python -m pytest`, built with CUDA support
+#                                    and the emulated GPU (cargo features cuda, gpu-emu; the
+#                                    CUDA kernels are compiled by NVRTC from PyPI into
+#                                    target/kernels) so the tests also run the GPU code path
+#                                    and the CUDA loading without a GPU
 #   bash scripts/setup.sh --dry-run  print the commands instead of running them
 #
 # Running it again reuses .venv (and cargo's build cache); --test adds the test extra to
@@ -52,7 +54,19 @@ run .venv/bin/python -m pip install -q --disable-pip-version-check "maturin>=1.5
 # maturin installs the package's dependencies (and the extra, if any), then builds the
 # native module into the virtualenv (editable: python/ is used in place).
 build=(.venv/bin/maturin develop --release -q)
-if [ -n "$extras" ]; then build+=(--extras "$extras" --features gpu-emu); fi
+if [ -n "$extras" ]; then
+  # The CUDA kernels for the `cuda` feature: CUDA 12's NVRTC from PyPI (no GPU needed), once.
+  kernels="$PWD/target/kernels"
+  if [ ! -f "$kernels/manifest.json" ] || [ -n "$(find src/kernels/cuda -newer "$kernels/manifest.json" -name '*.cu*' 2>/dev/null)" ]; then
+    if [ ! -x .cuda-toolchain/bin/python ]; then run "$PY" -m venv .cuda-toolchain; fi
+    run .cuda-toolchain/bin/python -m pip install -q --disable-pip-version-check \
+      "nvidia-cuda-nvrtc-cu12==12.8.93" "nvidia-cuda-runtime-cu12==12.8.90" "nvidia-cuda-nvcc-cu12==12.8.93"
+    cuda_site=.cuda-toolchain/lib/python3*/site-packages
+    run .cuda-toolchain/bin/python scripts/compile_kernels.py --cuda-site $cuda_site --out "$kernels" -q
+  fi
+  build+=(--extras "$extras" --features gpu-emu,cuda)
+  export FERROTUNE_KERNELS_DIR="$kernels"
+fi
 run env VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH" "${build[@]}"
 if [ -n "$extras" ]; then
   next=".venv/bin/python -m pytest"

@@ -233,13 +233,22 @@ def test_every_public_function_is_in_the_stub():
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", exc.__all__)
+@pytest.mark.parametrize("name", [n for n in exc.__all__ if n != "TrainingInterrupted"])
 def test_exception_is_a_ferrotune_error_exported_from_the_package(name):
     cls = getattr(exc, name)
     assert isinstance(cls, type) and issubclass(cls, ferrotune.FerrotuneError)
     assert issubclass(cls, Exception)
     assert getattr(ferrotune, name) is cls
     assert name in ferrotune.__all__
+
+
+def test_training_interrupted_is_a_system_exit_not_an_error():
+    # a request to stop (SIGTERM), not an error: `except Exception` must not swallow it
+    cls = exc.TrainingInterrupted
+    assert issubclass(cls, SystemExit) and not issubclass(cls, Exception)
+    assert ferrotune.TrainingInterrupted is cls and "TrainingInterrupted" in ferrotune.__all__
+    e = cls("stopped by SIGTERM", checkpoint="ck/checkpoint-3", step=3)
+    assert e.code == 143 and str(e) == "stopped by SIGTERM" and e.checkpoint == "ck/checkpoint-3" and e.step == 3
 
 
 def test_every_exception_class_is_in_all():

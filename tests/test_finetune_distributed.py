@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -75,8 +76,9 @@ def read_adapter(folder: Path) -> dict:
 
 
 def launch(tmp: Path, model_dir: Path, train: Path, out: Path, params: dict, *, world: int, port: int,
-           ranks=None, env_extra=None, tag: str = "") -> list:
-    """Starts the CLI once per rank, as a launcher would; returns [(rank, Popen, log path)]."""
+           ranks=None, env_extra=None, tag: str = "", rank_env=None) -> list:
+    """Starts the CLI once per rank, as a launcher would; returns [(rank, Popen, log path)].
+    ``rank_env``: {rank: {VAR: value}} on top (e.g. another node's LOCAL_RANK and TMPDIR)."""
     procs = []
     scratch = tmp / "scratch"
     scratch.mkdir(exist_ok=True)
@@ -87,6 +89,7 @@ def launch(tmp: Path, model_dir: Path, train: Path, out: Path, params: dict, *, 
         env = dict(os.environ, WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TMPDIR=str(scratch),
                    RAYON_NUM_THREADS="1", **(env_extra or {}))
+        env.update((rank_env or {}).get(rank, {}))
         log = tmp / f"rank{tag}-{rank}.log"
         cmd = [sys.executable, "-m", "ferrotune.cli", "finetune", "--model", str(model_dir), "--train-file", str(train),
                "--output-dir", str(out), "--params-json", str(pfile), "--progress", "lines", "--report-to", "none"]
@@ -142,6 +145,10 @@ def test_two_processes_train_what_one_process_with_twice_the_accumulation_trains
     for rank, (code, log) in res.items():
         assert code == 0, f"rank {rank} failed:\n{log[-4000:]}"
         assert f"data-parallel: rank {rank} of 2 joined (tcp transport)" in log, log[-2000:]
+    # one node: its LOCAL_RANK 0 (rank 0) tokenized the train and validation conversations,
+    # once each; rank 1 read those rows instead of tokenizing them again
+    assert {rank: log.count("conversations kept") for rank, (_, log) in res.items()} == {0: 2, 1: 0}
+    assert res[1][1].count("read the rows tokenized by this node's LOCAL_RANK 0") == 2
 
     two = json.loads((out / "train_summary.json").read_text())
     assert two["world_size"] == 2 and two["rank"] == 0
@@ -263,3 +270,136 @@ def test_package_on_a_worker_rank_leaves_the_folder_to_rank_zero(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ferrotune.cli", "package", str(tmp_path / "missing"), str(out)],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "missing" in r.stderr
+
+
+def tokenized_here(log: str) -> int:
+    return log.count("conversations kept")
+
+
+def test_each_node_tokenizes_once_for_its_processes(tmp_path, model_dir, train_file):
+    """Two nodes of one process each (both LOCAL_RANK 0, each with its own TMPDIR): each
+    tokenizes for itself; the one that is not rank 0 works in its TMPDIR and cleans up."""
+    p = dict(BASE, gradient_accumulation_steps=1, max_steps=2, evaluation_strategy="no", save_strategy="no")
+    node2_tmp = tmp_path / "node2-tmp"
+    node2_tmp.mkdir()
+    res = wait_all(launch(tmp_path, model_dir, train_file, tmp_path / "out", p, world=2, port=free_port(),
+                          rank_env={1: {"LOCAL_RANK": "0", "TMPDIR": str(node2_tmp)}}))
+    for rank, (code, log) in res.items():
+        assert code == 0, f"rank {rank} failed:\n{log[-4000:]}"
+        assert tokenized_here(log) == 1, log[-2000:]
+    assert json.loads((tmp_path / "out" / "train_summary.json").read_text())["global_step"] == 2
+    assert list(node2_tmp.iterdir()) == [] and list((tmp_path / "scratch").iterdir()) == []
+
+
+def test_a_node_whose_tokenizing_fails_stops_the_group_with_the_reason(tmp_path, model_dir, train_file):
+    p = dict(BASE, gradient_accumulation_steps=1, max_steps=2, evaluation_strategy="no", save_strategy="no")
+    not_a_dir = tmp_path / "tmp-is-a-file"
+    not_a_dir.write_text("")
+    # told at once: wait_all fails the test long before FERROTUNE_DIST_TIMEOUT would end a wait
+    res = wait_all(launch(tmp_path, model_dir, train_file, tmp_path / "out", p, world=2, port=free_port(),
+                          rank_env={1: {"LOCAL_RANK": "0", "TMPDIR": str(not_a_dir)}},
+                          env_extra={"FERROTUNE_DIST_TIMEOUT": "900"}), timeout=150)
+    (code0, log0), (code1, log1) = res[0], res[1]
+    assert code1 == 2 and "error: " in log1 and str(not_a_dir) in log1, log1[-2000:]
+    assert code0 == 2, log0[-2000:]
+    assert ("error: data-parallel: preparing the data failed on rank(s) 1 (LOCAL_RANK 0 of a node, which tokenizes "
+            "for its node); that rank's log has the cause") in log0, log0[-2000:]
+    for log in (log0, log1):
+        assert "Traceback" not in log and "panicked" not in log
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_a_reader_waits_for_its_node_and_fails_clearly_when_the_node_has_no_writer(tmp_path, model_dir, train_file):
+    """Rank 1 says LOCAL_RANK 1 but sits on another "node" (its own TMPDIR) with no LOCAL_RANK 0
+    there: it finds no tokenized data and says why; rank 0 stops too."""
+    p = dict(BASE, gradient_accumulation_steps=1, max_steps=2, evaluation_strategy="no", save_strategy="no")
+    lonely = tmp_path / "lonely-tmp"
+    lonely.mkdir()
+    res = wait_all(launch(tmp_path, model_dir, train_file, tmp_path / "out", p, world=2, port=free_port(),
+                          rank_env={1: {"TMPDIR": str(lonely)}}, env_extra={"FERROTUNE_DIST_TIMEOUT": "900"}),
+                   timeout=150)
+    (code0, log0), (code1, log1) = res[0], res[1]
+    assert code1 == 2 and "rank 1 cannot find its node's tokenized data: no folder of this run in" in log1, log1[-2000:]
+    assert "every node needs a process with LOCAL_RANK 0" in log1
+    assert code0 == 2 and "rank(s) 1 could not read their node's tokenized data" in log0, log0[-2000:]
+
+
+# ---------------------------------------------------------------------------------------
+# SIGTERM: every rank gets it from the launcher before preemption or cancel
+# ---------------------------------------------------------------------------------------
+
+SIGTERM_RUN = dict(BASE, gradient_accumulation_steps=2, max_steps=300, lr_scheduler_type="constant", warmup_steps=0,
+                   evaluation_strategy="no", save_strategy="no")
+
+
+def wait_for_line(log: Path, pattern: str, procs, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, log.read_text(errors="replace")):
+        for rank, proc, path in procs:
+            if proc.poll() is not None:
+                pytest.fail(f"rank {rank} ended early ({proc.returncode}):\n" + path.read_text(errors="replace")[-3000:])
+        assert time.monotonic() < deadline, f"no {pattern!r} after {timeout} s"
+        time.sleep(0.01)
+
+
+def test_sigterm_to_every_rank_saves_one_checkpoint_and_the_group_resumes_bit_exact(tmp_path, model_dir, train_file):
+    ck = tmp_path / "ck"
+    params = dict(SIGTERM_RUN, checkpoint_dir=str(ck))
+    full = wait_all(launch(tmp_path, model_dir, train_file, tmp_path / "full", dict(SIGTERM_RUN), world=2,
+                           port=free_port(), tag="f"))
+    assert all(code == 0 for code, _ in full.values()), full
+
+    procs = launch(tmp_path, model_dir, train_file, tmp_path / "out", params, world=2, port=free_port(), tag="i")
+    try:
+        wait_for_line(procs[0][2], r"\bstep 3/300\b", procs)
+        for _, proc, _ in procs:  # the launcher signals every process
+            proc.send_signal(signal.SIGTERM)
+        res = wait_all(procs, timeout=120)
+    finally:
+        for _, proc, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
+    steps = sorted(int(p.name.split("-")[1]) for p in ck.iterdir() if p.name.startswith("checkpoint-"))
+    assert len(steps) == 1 and 3 <= steps[0] < 300, steps
+    n = steps[0]
+    assert (ck / f"checkpoint-{n}" / "trainer_state.json").is_file()
+    assert not [p.name for p in ck.iterdir() if p.name.startswith(".")]
+    for rank, (code, log) in res.items():
+        assert code == 143, f"rank {rank}: {code}\n{log[-3000:]}"
+        assert f"stopped by SIGTERM: checkpoint {ck / f'checkpoint-{n}'} (step {n})" in log.strip().splitlines()[-1], \
+            log[-2000:]
+        assert "Traceback" not in log and "panicked" not in log
+    assert not (tmp_path / "out" / "train_summary.json").exists()
+
+    resumed = wait_all(launch(tmp_path, model_dir, train_file, tmp_path / "out",
+                              dict(params, resume_from_checkpoint=True), world=2, port=free_port(), tag="r"))
+    for rank, (code, log) in resumed.items():
+        assert code == 0, log[-3000:]
+        assert f"resuming from {ck / f'checkpoint-{n}'} (step {n})" in log, log[-2000:]
+    a = json.loads((tmp_path / "full" / "train_summary.json").read_text())
+    b = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert b["step_losses"] == a["step_losses"]
+    ra, rb = read_adapter(tmp_path / "full" / "adapter"), read_adapter(tmp_path / "out" / "adapter")
+    for k in ra:
+        assert np.array_equal(ra[k], rb[k]), k
+
+
+def test_sigterm_to_one_rank_stops_the_others_with_rank_0_saving(tmp_path, model_dir, train_file):
+    """A rank that stops early does not leave the others waiting for its share of the step:
+    they learn of it at the step's next exchange, rank 0 saves, and all end."""
+    ck = tmp_path / "ck"
+    procs = launch(tmp_path, model_dir, train_file, tmp_path / "out", dict(SIGTERM_RUN, checkpoint_dir=str(ck)),
+                   world=2, port=free_port(), env_extra={"FERROTUNE_DIST_TIMEOUT": "900"})
+    try:
+        wait_for_line(procs[0][2], r"\bstep 3/300\b", procs)
+        procs[1][1].send_signal(signal.SIGTERM)
+        res = wait_all(procs, timeout=120)  # far below FERROTUNE_DIST_TIMEOUT: no rank waited it out
+    finally:
+        for _, proc, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
+    (code0, log0), (code1, log1) = res[0], res[1]
+    assert code1 == 143, log1[-2000:]
+    assert code0 == 2 and "training stopped because another rank was stopped" in log0, log0[-2000:]
+    steps = [p.name for p in ck.iterdir() if p.name.startswith("checkpoint-")]
+    assert len(steps) == 1 and (ck / steps[0] / "trainer_state.json").is_file()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -98,6 +99,7 @@ NATIVE_KEYS = {
     "target_modules", "use_rslora", "merge_lora_weights", "precision", "seed", "logging_steps",
     "evaluation_strategy", "eval_steps", "save_strategy", "save_total_limit", "resume_from_checkpoint",
     "device", "gradient_checkpointing", "shuffle", "validation_split", "adapter_init", "packing", "token",
+    "checkpoint_dir", "save_interval_minutes",
 }
 
 
@@ -475,6 +477,26 @@ def test_resume_from_checkpoint(value, expected):
     assert cfg(resume_from_checkpoint=value)[0]["resume_from_checkpoint"] == expected
 
 
+def test_save_interval_minutes_defaults_to_30_and_takes_minutes():
+    assert cfg()[0]["save_interval_minutes"] == 30.0
+    assert cfg(save_interval_minutes="7.5")[0]["save_interval_minutes"] == 7.5
+    assert cfg(save_interval_minutes=0)[0]["save_interval_minutes"] == 0.0  # off
+    for bad in (-1, "soon", float("inf")):
+        with pytest.raises(InvalidArgumentError, match="save_interval_minutes="):
+            cfg(save_interval_minutes=bad)
+    config, _ = config_from_args(BASE_ARGS + ["--save-interval-minutes", "10"])
+    assert config["save_interval_minutes"] == 10.0
+
+
+def test_checkpoint_dir_defaults_to_none_and_takes_a_path():
+    assert cfg()[0]["checkpoint_dir"] is None  # the core then uses output_dir
+    assert cfg(checkpoint_dir=Path("ck") / "run1")[0]["checkpoint_dir"] == os.path.join("ck", "run1")
+    assert cfg(checkpoint_dir=None)[0]["checkpoint_dir"] is None
+    for bad in ("", 3, ["a"]):
+        with pytest.raises(InvalidArgumentError, match="checkpoint_dir=.*expected a path"):
+            cfg(checkpoint_dir=bad)
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
@@ -626,6 +648,13 @@ def test_cli_param_values_and_bool_flags():
 )
 def test_cli_resume(extra, expected):
     assert config_from_args(BASE_ARGS + extra)[0]["resume_from_checkpoint"] == expected
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint_dir", "--checkpoint-dir"])
+def test_cli_checkpoint_dir(flag):
+    config, _ = config_from_args(BASE_ARGS + [flag, "/mnt/checkpoints", "--resume"])
+    assert config["checkpoint_dir"] == "/mnt/checkpoints" and config["resume_from_checkpoint"] is True
+    assert config_from_args(BASE_ARGS)[0]["checkpoint_dir"] is None
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,9 @@
 Classes also derive from the built-in a user would catch anyway (``ValueError`` for bad
 arguments, ``OSError`` subclasses for file-system problems, ``ConnectionError`` for network
 failures), so existing ``except`` clauses keep working.
+
+One class stands apart: :class:`TrainingInterrupted` is not an error but a request to stop
+(SIGTERM), so it is a ``SystemExit`` and no ``except Exception`` swallows it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ __all__ = [
     "FerrotuneIOError",
     "FerrotuneFileNotFoundError",
     "FerrotunePermissionError",
+    "MissingDependencyError",
+    "TrainingInterrupted",
 ]
 
 
@@ -132,3 +137,34 @@ class FerrotuneFileNotFoundError(FerrotuneIOError, FileNotFoundError):
 
 class FerrotunePermissionError(FerrotuneIOError, PermissionError):
     """Not allowed to read or write a local path."""
+
+
+class MissingDependencyError(FerrotuneError, ImportError):
+    """An optional package a feature needs is not installed; the message has the ``pip``
+    command (e.g. matplotlib for ``FinetuneResult.plot()``)."""
+
+
+class TrainingInterrupted(SystemExit):
+    """:func:`ferrotune.finetune` stopped because the process was asked to terminate
+    (SIGTERM: what Azure ML sends before it preempts or cancels a job), after saving a
+    checkpoint of the last whole optimizer step.
+
+    A ``SystemExit`` with exit status 143 (128 + SIGTERM), not a :class:`FerrotuneError`:
+    left uncaught, a script or the ``ferrotune finetune`` command ends as a terminated
+    process does (status 143, no traceback), and no ``except Exception`` swallows it.
+    Run the same training again with ``resume_from_checkpoint=True`` (and the same
+    ``checkpoint_dir``) to continue from :attr:`checkpoint`.
+    """
+
+    def __init__(self, message: str, *, checkpoint: "str | None" = None, step: "int | None" = None,
+                 signal_number: int = 15) -> None:
+        super().__init__(128 + signal_number)
+        self.message = message
+        #: the checkpoint folder to resume from, or ``None`` (stopped before the first step)
+        self.checkpoint = checkpoint
+        #: the optimizer step that checkpoint holds
+        self.step = step
+        self.signal_number = signal_number
+
+    def __str__(self) -> str:
+        return self.message

@@ -20,7 +20,9 @@ import json
 import math
 import numbers
 import os
+import signal
 import sys
+import threading
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
@@ -28,9 +30,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 import numpy as np
 
 from . import _core
-from ._progress import LineRenderer, TqdmRenderer, make_renderer
+from ._progress import LineRenderer, TqdmRenderer, _in_notebook, make_renderer
 from ._text import plural
-from .exceptions import FerrotuneError, InvalidArgumentError
+from .exceptions import FerrotuneError, InvalidArgumentError, MissingDependencyError, TrainingInterrupted
 
 __all__ = ["finetune", "FinetuneResult", "build_config", "DEFAULTS", "PARAMETER_NAMES"]
 
@@ -86,7 +88,9 @@ DEFAULTS: dict = {
     "eval_steps": None,
     "save_strategy": "epoch",
     "save_total_limit": -1,
+    "save_interval_minutes": 30.0,
     "resume_from_checkpoint": None,
+    "checkpoint_dir": None,
     "device": "auto",
     "gradient_checkpointing": False,
     "shuffle": True,
@@ -436,7 +440,20 @@ _PARAMS: dict[str, _Param] = {
     "save_strategy": _choice_param(("no", "steps", "epoch"), "when to save checkpoints: no, steps, epoch"),
     "save_steps": _int_param(1, "save a checkpoint every this many steps (save_strategy steps)"),
     "save_total_limit": _int_param(1, "checkpoints to keep (the best one is kept too)", minus_one="keep all"),
-    "resume_from_checkpoint": _Param("path", _parse_resume, "a checkpoint folder, or true for the latest in output_dir"),
+    "save_interval_minutes": _float_param(
+        "also save a checkpoint when this many minutes have passed since the last (0: off); "
+        "the next checkpoint replaces it",
+        lo=0.0,
+    ),
+    "resume_from_checkpoint": _Param(
+        "path", _parse_resume, "a checkpoint folder, or true for the latest in checkpoint_dir (default output_dir)"
+    ),
+    "checkpoint_dir": _Param(
+        "path",
+        _parse_optional_path,
+        "folder for checkpoint-N/ (written, rotated, resumed from); default output_dir. "
+        "On Azure ML: an rw_mount output, so a resubmitted job resumes",
+    ),
     "device": _Param("str", _parse_device, "auto, cpu or cuda"),
     "gradient_checkpointing": _bool_param("recompute activations in the backward pass (less memory)"),
     "shuffle": _bool_param("shuffle the rows every epoch"),
@@ -647,7 +664,7 @@ def _mlflow_session(report_to: str, say: Callable[[str], None] = _say_stderr) ->
     status = "FINISHED"
     try:
         yield mlflow
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated):
         status = "KILLED"
         raise
     except BaseException:
@@ -832,6 +849,47 @@ class FinetuneResult:
         """``(steps, losses)`` for plotting: steps 1..global_step and each step's loss."""
         return list(range(1, len(self.step_losses) + 1)), list(self.step_losses)
 
+    def plot(self, ax: Any = None) -> Any:
+        """The loss curves with matplotlib: training loss of every step and validation loss
+        of every evaluation, against the optimizer step.
+
+        Args:
+            ax: a matplotlib ``Axes`` to draw into; default: a new figure.
+
+        Returns:
+            The ``matplotlib.figure.Figure``. In Jupyter it shows when it is the cell's
+            value (``result.plot()`` as the last line); elsewhere ``plt.show()`` or
+            ``fig.savefig(path)``.
+
+        Raises:
+            MissingDependencyError: matplotlib is not installed (``pip install matplotlib``).
+        """
+        try:
+            import matplotlib.pyplot as plt  # type: ignore[import-not-found]
+        except ImportError:
+            raise MissingDependencyError(
+                "FinetuneResult.plot() needs matplotlib, which is not installed: pip install matplotlib"
+            ) from None
+        created = ax is None
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(7, 4))
+        else:
+            fig = ax.figure
+        steps, losses = self.loss_curve()
+        ax.plot(steps, losses, label="training loss", linewidth=1.2)
+        evals = [(e["step"], e["eval_loss"]) for e in self.eval if isinstance(e.get("eval_loss"), (int, float))]
+        if evals:
+            ax.plot([s for s, _ in evals], [v for _, v in evals], marker="o", label="validation loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.set_title(f"ferrotune: {self.global_step} steps")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        if created and _in_notebook():
+            # Jupyter shows the returned figure; left open, the inline backend would draw it twice
+            plt.close(fig)
+        return fig
+
     def best_eval(self) -> Optional[dict]:
         """The evaluation with the lowest ``eval_loss``, or ``None``."""
         evals = [e for e in self.eval if isinstance(e.get("eval_loss"), (int, float))]
@@ -888,16 +946,18 @@ def finetune(
     The training file (conversations as JSONL/Parquet with a ``messages`` column, or a
     file from :func:`tokenize_dataset`) is tokenized into ``output_dir/tokenized/``;
     without a ``validation_file`` the last ``validation_split`` (20 %) of the conversations
-    is held out, as the pipeline does. ``output_dir`` gets ``checkpoint-{step}/``,
-    ``adapter/`` (PEFT), ``merged/`` (when ``merge_lora_weights``) and
+    is held out, as the pipeline does. ``output_dir`` gets ``checkpoint-{step}/`` (in
+    ``checkpoint_dir`` when given), ``adapter/`` (PEFT), ``merged/`` (when ``merge_lora_weights``) and
     ``train_summary.json``.
 
     Args:
         model: a model folder (config.json + safetensors), an Azure ML MLflow model folder
             or a Hub repo id.
         train_file, validation_file, output_dir: paths.
-        progress: ``"auto"``/``True`` (bars in notebooks, lines in logs), ``False``,
-            ``"bar"``, ``"lines"`` or a callable ``(kind, task_id, name, total, n, unit)``.
+        progress: ``"auto"``/``True`` (in Jupyter a live table of step, training and
+            validation loss, learning rate, tokens/s and ETA; bars in a terminal, lines in
+            logs), ``False``, ``"bar"``, ``"lines"`` or a callable
+            ``(kind, task_id, name, total, n, unit)``.
         report_to: ``"auto"`` (MLflow when ``mlflow`` is imported and a run is active, or
             in an Azure ML job), ``"mlflow"`` (the active run, or a new one for the
             duration) or ``"none"``.
@@ -907,6 +967,11 @@ def finetune(
 
     Returns:
         :class:`FinetuneResult`.
+
+    Raises:
+        TrainingInterrupted: SIGTERM (Azure ML's notice before preemption or cancel) stopped
+            training after a checkpoint of the last whole step was saved; resume with
+            ``resume_from_checkpoint=True``. (Ctrl-C: the same, as ``KeyboardInterrupt``.)
     """
     distributed = distributed_from_env()
     report = _resolve_report_to(report_to)
@@ -919,19 +984,90 @@ def finetune(
             # the others print their own messages only.
             progress, report, cbs, notes = _worker_messages(distributed["rank"]), "none", [], []
     try:
-        renderer = make_renderer(progress)
+        renderer = make_renderer(progress, training=True)
     except ValueError as e:
         raise InvalidArgumentError(str(e)) from None
     native = getattr(_core, "finetune", None)
     if native is None:
         raise FerrotuneError("this build of ferrotune has no training support (ferrotune._core.finetune is missing)")
     say = (lambda text: renderer("message", 0, text, None, 0, "")) if renderer is not None else _say_stderr
-    with _mlflow_session(report, say) as mlflow:
-        router = MetricsRouter(renderer, mlflow=mlflow, callbacks=cbs)
-        for note in notes:
-            router.message(f"note: {note}")
-        out = native(json.dumps(config, allow_nan=False), progress=router)
+    try:
+        with _sigterm_stops_training(), _mlflow_session(report, say) as mlflow:
+            router = MetricsRouter(renderer, mlflow=mlflow, callbacks=cbs)
+            for note in notes:
+                router.message(f"note: {note}")
+            out = native(json.dumps(config, allow_nan=False), progress=router)
+    except _Terminated as e:
+        raise _interrupted(config, e.signal_number, say) from None
     return FinetuneResult.from_summary(out, output_dir=config["output_dir"], notes=notes)
+
+
+class _Terminated(BaseException):
+    """Raised by finetune()'s SIGTERM handler; finetune() turns it into
+    :class:`TrainingInterrupted` once the core has saved its checkpoint."""
+
+    def __init__(self, signal_number: int) -> None:
+        super().__init__(signal_number)
+        self.signal_number = signal_number
+
+
+@contextlib.contextmanager
+def _sigterm_stops_training() -> Iterator[None]:
+    """While training, SIGTERM (Azure ML's notice before preemption or cancel) stops it
+    like Ctrl-C: the core finishes the micro-batch it is in, saves a checkpoint of the
+    last whole step, and the call raises. Only in the main thread (Python delivers signals
+    there, and only there may handlers be set); the previous handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    fired: list = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if not fired:  # a second SIGTERM while the checkpoint is written changes nothing
+            fired.append(signum)
+            raise _Terminated(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        # None: a handler not set from Python; the default is the closest we can restore
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _newest_checkpoint(folder: str) -> tuple:
+    """``(path, step)`` of the newest complete ``checkpoint-{step}`` in ``folder``, or ``(None, None)``."""
+    best: tuple = (None, None)
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return best
+    for name in entries:
+        head, _, num = name.partition("-")
+        if head != "checkpoint" or not num.isdigit():
+            continue
+        path = os.path.join(folder, name)
+        if os.path.isfile(os.path.join(path, "trainer_state.json")) and (best[1] is None or int(num) > best[1]):
+            best = (path, int(num))
+    return best
+
+
+def _interrupted(config: Mapping[str, Any], signal_number: int, say: Callable[[str], None]) -> TrainingInterrupted:
+    """The exception (and the one line said) after SIGTERM stopped training."""
+    folder = config.get("checkpoint_dir") or config["output_dir"]
+    path, step = _newest_checkpoint(folder)
+    name = signal.Signals(signal_number).name
+    if path is None:
+        line = f"stopped by {name} before the first optimizer step: no checkpoint in {folder} to resume from"
+    else:
+        line = (
+            f"stopped by {name}: checkpoint {path} (step {step}); to continue, run the same training with "
+            "resume_from_checkpoint=True (ferrotune finetune ... --resume)"
+            + (" and the same checkpoint_dir" if config.get("checkpoint_dir") else "")
+        )
+    say(line)
+    return TrainingInterrupted(line, checkpoint=path, step=step, signal_number=signal_number)
 
 
 def _worker_messages(rank: int) -> Callable[..., None]:

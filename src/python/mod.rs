@@ -182,6 +182,12 @@ fn _gpu_selfcheck(
     py.allow_threads(run).map_err(|e| errors::to_pyerr(py, e))
 }
 
+/// Whether this build has CUDA support (the CUDA wheel), whether or not a GPU is here.
+#[pyfunction]
+fn cuda_build() -> bool {
+    cfg!(feature = "cuda")
+}
+
 /// Whether this build has the emulated GPU of the test builds (`device="emu"`).
 #[pyfunction]
 fn gpu_emulator() -> bool {
@@ -241,6 +247,7 @@ fn ferrotune_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rows_for_split_pc, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(gpu_emulator, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_build, m)?)?;
     m.add_function(wrap_pyfunction!(_gpu_selfcheck, m)?)?;
     m.add_function(wrap_pyfunction!(_json_string, m)?)?;
     m.add_function(wrap_pyfunction!(_group_sum_timings, m)?)?;

@@ -4,7 +4,9 @@
 //! waits in short slices: between slices it takes the GIL to forward progress events to
 //! the Python renderer and to check for signals. A Ctrl-C sets the core's cancel flag (the
 //! worker's loops poll it and stop, removing temporary files), then `KeyboardInterrupt` is
-//! raised. A panic in the worker becomes a `FerrotuneError`, never a crash.
+//! raised once the worker has stopped. Any exception a Python signal handler raises works
+//! the same way (`finetune` installs one for SIGTERM). A panic in the worker becomes a
+//! `FerrotuneError`, never a crash.
 
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -175,9 +177,11 @@ where
         // saves): keep rendering, unless the renderer itself is what failed.
         if !renderer_failed {
             if let Err(e) = deliver(py, &progress, events) {
-                // The renderer failed (or a Ctrl-C landed while it ran): stop the work.
+                // The renderer failed, or a signal handler raised while it ran (Ctrl-C's
+                // KeyboardInterrupt, or another BaseException such as finetune's SIGTERM
+                // stop): stop the work; only a renderer error ends the rendering too.
                 cancel.cancel();
-                renderer_failed = !e.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py);
+                renderer_failed = e.is_instance_of::<pyo3::exceptions::PyException>(py);
                 py_error.get_or_insert(e);
             }
         }

@@ -1,7 +1,7 @@
 //! The training configuration: the Azure ML fine-tuning pipeline's parameter names (the
 //! Python layer maps the notebook's `finetune_parameters` onto this) and their checks.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -17,7 +17,7 @@ pub enum Strategy {
     Epoch,
 }
 
-/// `resume_from_checkpoint`: a folder, or `true` for the newest in `output_dir`.
+/// `resume_from_checkpoint`: a folder, or `true` for the newest in the checkpoint folder.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(untagged)]
 pub enum Resume {
@@ -85,6 +85,9 @@ fn d_auto() -> String {
 fn d_split() -> f64 {
     0.2
 }
+fn d_interval() -> f64 {
+    30.0
+}
 
 /// Everything `finetune` takes. Unknown keys are an error (the Python layer has already
 /// turned notebook-only keys into notes).
@@ -96,6 +99,10 @@ pub struct TrainConfig {
     #[serde(default)]
     pub validation_file: Option<PathBuf>,
     pub output_dir: PathBuf,
+    /// Where `checkpoint-{step}/` folders are written and rotated, and where
+    /// `resume_from_checkpoint: true` looks; `None`: `output_dir`.
+    #[serde(default)]
+    pub checkpoint_dir: Option<PathBuf>,
     #[serde(default = "d_epochs")]
     pub num_train_epochs: f64,
     #[serde(default = "d_neg1")]
@@ -154,6 +161,11 @@ pub struct TrainConfig {
     pub save_steps: Option<usize>,
     #[serde(default = "d_neg1")]
     pub save_total_limit: i64,
+    /// Also save a checkpoint once this many minutes have passed since the last one (a
+    /// preempted job loses at most about this much work); 0 turns it off. Only when
+    /// `save_strategy` is not "no"; such a checkpoint is replaced by the next one.
+    #[serde(default = "d_interval")]
+    pub save_interval_minutes: f64,
     #[serde(default)]
     pub resume_from_checkpoint: Option<Resume>,
     #[serde(default = "d_auto")]
@@ -261,6 +273,12 @@ impl TrainConfig {
         if self.evaluation_strategy == Strategy::Steps && self.eval_steps == Some(0) {
             return bad("eval_steps must be at least 1".into());
         }
+        if !(self.save_interval_minutes.is_finite() && self.save_interval_minutes >= 0.0) {
+            return bad(format!(
+                "save_interval_minutes must be >= 0 (0: off), got {}",
+                self.save_interval_minutes
+            ));
+        }
         if self.save_strategy == Strategy::Steps && self.save_steps.unwrap_or(0) == 0 {
             return bad("save_strategy 'steps' needs save_steps >= 1".into());
         }
@@ -268,6 +286,11 @@ impl TrainConfig {
             w.validate()?;
         }
         self.lora().validate()
+    }
+
+    /// The folder of the `checkpoint-{step}/` folders: `checkpoint_dir`, or `output_dir`.
+    pub fn checkpoints(&self) -> &Path {
+        self.checkpoint_dir.as_deref().unwrap_or(&self.output_dir)
     }
 
     pub fn lora(&self) -> LoraConfig {

@@ -1,6 +1,7 @@
 //! The training loop: plan, (resume,) steps with accumulation and clipping, logging,
 //! evaluation, checkpoints, and the final adapter / merged model / summary.
 
+use std::cell::Cell;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -120,39 +121,57 @@ fn seed_for(seed: u64, step: usize, micro: usize) -> u64 {
 }
 
 /// Mean loss over `rows` (forward only), batched `bs` rows at a time; with a group, batch
-/// `c` is evaluated by rank `c % world` and the sums are added up.
+/// `c` is evaluated by rank `c % world` and the sums are added up. `None`: stopped by
+/// Ctrl-C / SIGTERM (on any rank).
 fn evaluate(
     model: &Phi3,
     rows: &TokenizedRows,
     bs: usize,
     group: Option<&mut Group>,
     ctx: &Ctx,
-) -> Result<f64> {
+) -> Result<Option<f64>> {
     let n = rows.num_rows();
     let (mut sum, mut count) = (0.0, 0usize);
     let idx: Vec<usize> = (0..n).collect();
     let (rank, world) = group.as_ref().map_or((0, 1), |g| (g.rank, g.size));
+    let mut stopped = false;
     for (c, chunk) in idx.chunks(bs).enumerate() {
         if c % world != rank {
             continue;
         }
-        ctx.cancel().check()?;
+        if ctx.cancel().is_cancelled() {
+            stopped = true;
+            break;
+        }
         let f = data::gather(rows, chunk);
         let b = model.batch(&f.ids, Some(&f.labels), &f.seq_lengths)?;
         sum += model.loss_sum(&b)?;
         count += b.n_targets();
     }
     if let Some(g) = group {
-        let mut both = [sum, count as f64];
-        g.sum_f64(&mut both)?;
-        (sum, count) = (both[0], both[1] as usize);
+        let mut all = [sum, count as f64, f64::from(u8::from(stopped))];
+        g.sum_f64(&mut all)?;
+        (sum, count, stopped) = (all[0], all[1] as usize, all[2] > 0.0);
+    }
+    if stopped {
+        return Ok(None);
     }
     if count == 0 {
         return Err(Error::Training(
             "the validation set has no trainable tokens".into(),
         ));
     }
-    Ok(sum / count as f64)
+    Ok(Some(sum / count as f64))
+}
+
+/// Whether `strategy` (for "steps": every `every` steps) evaluates or saves after step `gs`.
+fn due(strategy: Strategy, every: Option<usize>, gs: usize, plan: &Plan) -> bool {
+    let last = gs == plan.total_steps;
+    match strategy {
+        Strategy::No => false,
+        Strategy::Epoch => gs.is_multiple_of(plan.updates_per_epoch) || last,
+        Strategy::Steps => every.is_some_and(|e| gs.is_multiple_of(e)) || last,
+    }
 }
 
 /// The backend to train on: with a data-parallel group, "cuda"/"auto" mean the GPU of the
@@ -167,44 +186,41 @@ fn training_backend(cfg: &TrainConfig) -> Result<Arc<dyn Backend>> {
     }
 }
 
-/// What every process of a data-parallel group must agree on before training together.
-fn group_fingerprint(cfg: &TrainConfig, plan: &Plan, data: &Data) -> String {
-    // FNV-1a over the token ids and labels: cheap, and enough to tell different data apart.
-    let digest = |rows: &TokenizedRows| -> String {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        let ids = rows.input_ids.iter().map(|&t| t as u64);
-        let labels = rows.labels.iter().map(|&l| l as u64);
-        for v in ids.chain(labels) {
-            h = (h ^ v).wrapping_mul(0x0100_0000_01b3);
-        }
-        format!("{h:016x}/{}", rows.input_ids.len())
-    };
+/// What every process of a data-parallel group must agree on before training together
+/// (checked as the group forms; the prepared rows are compared afterwards, in
+/// `data::prepare_in_group`).
+fn group_fingerprint(cfg: &TrainConfig, world: usize) -> String {
     json!({
         "ferrotune": env!("CARGO_PKG_VERSION"),
         "model": cfg.model,
-        "plan": plan.json(cfg),
-        "train": digest(&data.train),
-        "validation": data.validation.as_ref().map(digest),
+        "plan": {
+            "per_device_train_batch_size": cfg.per_device_train_batch_size,
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+            "seed": cfg.seed,
+            "shuffle": cfg.shuffle,
+            "lora_r": cfg.lora_r,
+            "world_size": world,
+            "max_steps": cfg.max_steps,
+            "num_train_epochs": cfg.num_train_epochs,
+        },
+        "data": [
+            json!(cfg.max_seq_length),
+            json!(cfg.packing),
+            json!(cfg.validation_split),
+            json!(format!("{:?}", cfg.evaluation_strategy)),
+            json!(cfg.validation_file.is_some()),
+        ],
         "learning_rate": cfg.learning_rate,
         "lr_scheduler_type": cfg.lr_scheduler_type,
         "lora": [cfg.lora_alpha, cfg.lora_dropout],
         "target_modules": cfg.target_modules,
         "optimizer": [cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon, cfg.weight_decay, cfg.max_grad_norm],
+        "warmup": [cfg.warmup_steps as f64, cfg.warmup_ratio],
         "precision": cfg.precision,
         "adapter_init": cfg.adapter_init,
         "resume_from_checkpoint": format!("{:?}", cfg.resume_from_checkpoint),
     })
     .to_string()
-}
-
-/// Tokenized copies of ranks other than 0 go to a scratch folder removed once read
-/// (rank 0 keeps its copy in `output_dir/tokenized`, as a single process does).
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Whether to recompute activations: as asked, or turned on when the device's free memory
@@ -276,24 +292,22 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         || HubClient::from_env(cfg.token.clone()),
         ctx,
     )?;
-    let data = if root {
-        data::prepare(cfg, &cfg.output_dir.join("tokenized"), ctx)?
-    } else {
-        let scratch = Scratch(
-            std::env::temp_dir().join(format!("ferrotune-rank{rank}-{}", std::process::id())),
-        );
-        data::prepare(cfg, &scratch.0, ctx)?
+    // Data-parallel: the group forms first (same settings everywhere), then each node's
+    // LOCAL_RANK 0 tokenizes for its node and every rank's rows are compared with rank 0's.
+    let (data, mut group) = match &cfg.distributed {
+        None => {
+            let out = cfg.output_dir.join("tokenized");
+            (data::prepare(cfg, data::Source::Tokenize(&out), ctx)?, None)
+        }
+        Some(w) => {
+            let mut g = Group::join(w, &group_fingerprint(cfg, world), be.as_ref(), ctx)?;
+            (
+                data::prepare_in_group(cfg, w.local_rank, &mut g, ctx)?,
+                Some(g),
+            )
+        }
     };
     let plan = Plan::new(cfg, data.train.num_rows(), world);
-    let mut group = match &cfg.distributed {
-        Some(w) => Some(Group::join(
-            w,
-            &group_fingerprint(cfg, &plan, &data),
-            be.as_ref(),
-            ctx,
-        )?),
-        None => None,
-    };
     let Data {
         train, validation, ..
     } = data;
@@ -340,15 +354,17 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         best_eval_loss: None,
         train_tokens: 0,
         plan: plan.json(cfg),
+        unscheduled_checkpoint: None,
+        eval_pending: false,
     };
     let resumed_from = match &cfg.resume_from_checkpoint {
         None | Some(Resume::Latest(false)) => None,
-        Some(Resume::Latest(true)) => match checkpoint::list(&cfg.output_dir).pop() {
+        Some(Resume::Latest(true)) => match checkpoint::list(cfg.checkpoints()).pop() {
             Some((_, dir)) => Some(dir),
             None => {
                 ctx.message(&format!(
                     "no checkpoint in {} yet: starting from step 0",
-                    cfg.output_dir.display()
+                    cfg.checkpoints().display()
                 ));
                 None
             }
@@ -357,7 +373,7 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
     };
     if let Some(g) = group.as_mut() {
         // Every rank must resume from the same step (a checkpoint rank 0 wrote into a
-        // shared output_dir); a rank that sees another folder would train something else.
+        // shared checkpoint folder); a rank that sees another folder would train something else.
         let step = match &resumed_from {
             Some(dir) => checkpoint::read_state(dir)?.global_step as f64,
             None => -1.0,
@@ -367,7 +383,7 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         let n = world as f64;
         if (both[0] / n - step).abs() > 1e-9 || (both[1] / n - step * step).abs() > 1e-6 {
             return Err(Error::Training(format!(
-                "data-parallel: the ranks would resume from different checkpoints (rank {rank}: {}). Every process needs the same output_dir (a shared folder)",
+                "data-parallel: the ranks would resume from different checkpoints (rank {rank}: {}). Every process needs the same checkpoint_dir (a shared folder; default output_dir)",
                 resumed_from
                     .as_ref()
                     .map_or("none".to_string(), |d| d.display().to_string())
@@ -378,7 +394,7 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         let saved = checkpoint::read_state(dir)?;
         if saved.plan != state.plan {
             return Err(Error::Training(format!(
-                "{}: the checkpoint belongs to a different plan ({}) than this run ({}); use the same data and batch settings, or a new output_dir",
+                "{}: the checkpoint belongs to a different plan ({}) than this run ({}); use the same data and batch settings, or a new checkpoint_dir / output_dir",
                 dir.display(),
                 saved.plan,
                 state.plan
@@ -408,8 +424,20 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         (0.0, 0usize, 0u64, Instant::now());
     let mut order_epoch = usize::MAX;
     let mut order = Vec::new();
-    let save = |state: &TrainerState, model: &Phi3, opt: &AdamW| -> Result<PathBuf> {
-        let dest = checkpoint::checkpoint_dir(&cfg.output_dir, state.global_step);
+    // The step of the newest checkpoint this run wrote (or resumed from).
+    let saved_step = Cell::new(resumed_from.as_ref().map(|_| state.global_step));
+    // `unscheduled`: a safety checkpoint (save_interval_minutes, SIGTERM / Ctrl-C), which
+    // the next checkpoint replaces.
+    let save = |state: &mut TrainerState,
+                model: &Phi3,
+                opt: &AdamW,
+                unscheduled: bool|
+     -> Result<PathBuf> {
+        let superseded = state
+            .unscheduled_checkpoint
+            .filter(|&s| s != state.global_step && Some(s) != state.best_step);
+        state.unscheduled_checkpoint = unscheduled.then_some(state.global_step);
+        let dest = checkpoint::checkpoint_dir(cfg.checkpoints(), state.global_step);
         let pending = model::export::PendingDir::new(&dest)?;
         model.write_adapter_into(&pending.tmp, &cfg.model)?;
         model::export::write_safetensors(
@@ -419,15 +447,25 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         let p = pending.tmp.join(checkpoint::STATE);
         std::fs::write(&p, serde_json::to_string_pretty(state).expect("json")).at(&p)?;
         let dir = pending.commit()?;
-        checkpoint::rotate(&cfg.output_dir, cfg.save_total_limit, state.best_step)?;
+        saved_step.set(Some(state.global_step));
+        if let Some(old) = superseded.map(|s| checkpoint::checkpoint_dir(cfg.checkpoints(), s)) {
+            if old.is_dir() {
+                std::fs::remove_dir_all(&old).at(&old)?;
+            }
+        }
+        checkpoint::rotate(cfg.checkpoints(), cfg.save_total_limit, state.best_step)?;
         Ok(dir)
     };
+    // Ok(false): stopped by Ctrl-C / SIGTERM before the evaluation was complete.
     let eval_now =
-        |state: &mut TrainerState, model: &Phi3, group: Option<&mut Group>| -> Result<()> {
+        |state: &mut TrainerState, model: &Phi3, group: Option<&mut Group>| -> Result<bool> {
             let Some(val) = &validation else {
-                return Ok(());
+                return Ok(true);
             };
-            let loss = evaluate(model, val, cfg.per_device_eval_batch_size, group, ctx)?;
+            let Some(loss) = evaluate(model, val, cfg.per_device_eval_batch_size, group, ctx)?
+            else {
+                return Ok(false);
+            };
             let entry = json!({
                 "step": state.global_step,
                 "epoch": state.epoch,
@@ -442,8 +480,50 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
                 state.best_eval_loss = Some(loss);
                 state.best_step = Some(state.global_step);
             }
-            Ok(())
+            Ok(true)
         };
+    // Ctrl-C / SIGTERM: rank 0 saves the last whole step (unless that checkpoint exists),
+    // and every rank waits until it has: the launcher may end the job once one exits.
+    let stop = |state: &mut TrainerState,
+                model: &Phi3,
+                opt: &AdamW,
+                group: Option<&mut Group>|
+     -> Result<Summary> {
+        if root && state.global_step > 0 {
+            let dir = if saved_step.get() == Some(state.global_step) {
+                checkpoint::checkpoint_dir(cfg.checkpoints(), state.global_step)
+            } else {
+                save(state, model, opt, true)?
+            };
+            ctx.message(&format!(
+                "interrupted: saved {} — resume with resume_from_checkpoint=True",
+                dir.display()
+            ));
+        }
+        if let Some(g) = group {
+            g.barrier()?;
+            if !ctx.cancel().is_cancelled() {
+                return Err(Error::Training(
+                    "data-parallel: training stopped because another rank was stopped (SIGTERM or Ctrl-C); rank 0 saved a checkpoint of the last whole step: resume with resume_from_checkpoint=True".into(),
+                ));
+            }
+        }
+        Err(Error::Cancelled)
+    };
+    let mut clock = checkpoint::SaveClock::new(cfg.save_interval_minutes, Instant::now());
+    if state.eval_pending {
+        // The run this one resumes stopped during this step's evaluation: run it now,
+        // then the save it came before.
+        state.eval_pending = false;
+        if !eval_now(&mut state, &model, group.as_mut())? {
+            state.eval_pending = true;
+            return stop(&mut state, &model, &opt, group.as_mut());
+        }
+        if root && due(cfg.save_strategy, cfg.save_steps, state.global_step, &plan) {
+            save(&mut state, &model, &opt, false)?;
+            clock.saved(Instant::now());
+        }
+    }
 
     while state.global_step < plan.total_steps {
         let step = state.global_step;
@@ -472,14 +552,7 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
             g.sum_f64(&mut counts)?;
         }
         if counts[0] > 0.0 {
-            if step > 0 && root {
-                let dir = save(&state, &model, &opt)?;
-                ctx.message(&format!(
-                    "interrupted: saved {} — resume with resume_from_checkpoint=True",
-                    dir.display()
-                ));
-            }
-            return Err(Error::Cancelled);
+            return stop(&mut state, &model, &opt, group.as_mut());
         }
         let (n_targets, n_tokens) = (counts[1] as usize, counts[2] as usize);
         let lr = cfg.learning_rate * schedule.factor(step, plan.warmup, plan.total_steps);
@@ -488,12 +561,27 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         let mut stats = be.zeros(2, Dt::F64)?;
         let mut grad_norm = 0.0;
         let mut skipped = false;
+        let mut stopped = false;
         if n_targets > 0 {
             let mut grads = be.zeros(model.n_lora(), Dt::F32)?;
             let scale = lscale / n_targets as f64;
             for (k, b) in &batches {
+                // Ctrl-C / SIGTERM: stop at this micro-batch boundary; the step is dropped.
+                if ctx.cancel().is_cancelled() {
+                    stopped = true;
+                    break;
+                }
                 let seed = (model.lora_cfg.dropout > 0.0).then(|| seed_for(cfg.seed, step, *k));
                 model.forward_backward(b, scale, recompute, seed, &mut grads, &mut stats)?;
+            }
+            // The ranks agree on stopping before they exchange gradients.
+            if let Some(g) = group.as_mut() {
+                let mut flag = [f64::from(u8::from(stopped))];
+                g.sum_f64(&mut flag)?;
+                stopped = flag[0] > 0.0;
+            }
+            if stopped {
+                return stop(&mut state, &model, &opt, group.as_mut());
             }
             if let Some(g) = group.as_mut() {
                 g.sum_buf(be.as_ref(), &mut grads)?;
@@ -523,9 +611,12 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
             grad_norm = read[1].sqrt() / lscale;
         }
         if let Some(g) = group.as_mut() {
-            let mut total = [loss_sum];
+            let mut total = [loss_sum, f64::from(u8::from(stopped))];
             g.sum_f64(&mut total)?;
-            loss_sum = total[0];
+            (loss_sum, stopped) = (total[0], total[1] > 0.0);
+        }
+        if stopped {
+            return stop(&mut state, &model, &opt, group.as_mut());
         }
         let loss = if n_targets > 0 {
             loss_sum / n_targets as f64
@@ -587,22 +678,27 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
             state.log_history.push(entry);
             (log_loss, log_steps, log_tokens, log_t0) = (0.0, 0, 0, Instant::now());
         }
-        let epoch_end = gs.is_multiple_of(plan.updates_per_epoch) || gs == plan.total_steps;
-        let due = |strategy: Strategy, every: Option<usize>| match strategy {
-            Strategy::No => false,
-            Strategy::Epoch => epoch_end,
-            Strategy::Steps => {
-                every.is_some_and(|e| gs.is_multiple_of(e)) || gs == plan.total_steps
-            }
-        };
-        if due(
-            cfg.evaluation_strategy,
-            cfg.eval_steps.or(Some(cfg.logging_steps)),
-        ) {
-            eval_now(&mut state, &model, group.as_mut())?;
+        let eval_every = cfg.eval_steps.or(Some(cfg.logging_steps));
+        if due(cfg.evaluation_strategy, eval_every, gs, &plan)
+            && !eval_now(&mut state, &model, group.as_mut())?
+        {
+            state.eval_pending = true;
+            return stop(&mut state, &model, &opt, group.as_mut());
         }
-        if due(cfg.save_strategy, cfg.save_steps) && root {
-            save(&state, &model, &opt)?;
+        // save_strategy's checkpoints, and in between one whenever save_interval_minutes
+        // have passed since the last (unless save_strategy is "no").
+        let scheduled = due(cfg.save_strategy, cfg.save_steps, gs, &plan);
+        let interval = cfg.save_strategy != Strategy::No && clock.due(Instant::now());
+        if root && (scheduled || interval) {
+            let dir = save(&mut state, &model, &opt, !scheduled)?;
+            clock.saved(Instant::now());
+            if !scheduled {
+                ctx.message(&format!(
+                    "saved {} (save_interval_minutes={}: a safety checkpoint, replaced by the next one)",
+                    dir.display(),
+                    cfg.save_interval_minutes
+                ));
+            }
         }
     }
     drop(task);
@@ -632,7 +728,7 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
         eval: state.eval_history.clone(),
         best_checkpoint: state
             .best_step
-            .map(|s| checkpoint::checkpoint_dir(&cfg.output_dir, s))
+            .map(|s| checkpoint::checkpoint_dir(cfg.checkpoints(), s))
             .filter(|p| p.is_dir()),
         best_eval_loss: state.best_eval_loss,
         train_tokens: state.train_tokens,

@@ -21,7 +21,6 @@ at a closed port, so an accidental call to Azure fails loudly.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -39,8 +38,6 @@ from tests.support.venvs import ROOT, ensure_venv
 
 SIDE_REQUIREMENTS = ["azure-ai-ml==1.35.2", "azure-identity"]
 SIDE_RUNNER = ROOT / "tests" / "support" / "azure_side.py"
-# The job keeps checkpoints in an output once `ferrotune finetune` has --checkpoint_dir.
-CHECKPOINTS = "checkpoint_dir" in importlib.import_module("ferrotune.finetune")._PARAMS
 
 # The notebook's finetune_parameters (seed document), plus a Phi-3 model tag.
 NOTEBOOK_PARAMETERS = dict(
@@ -453,8 +450,7 @@ result["job"]["code_again"] = str(again.code)
 # -- CPU training on purpose: the CPU wheel alone, a fixed checkpoint folder -------------------
 job_cpu = az.finetune_job(model="microsoft/Phi-3-mini-4k-instruct", train_file=train, compute="cpu-cluster",
                           finetune_parameters={"device": "cpu", "max_steps": 5}, wheels=str(cpu_wheel),
-                          **({"checkpoint_path": "azureml://datastores/workspaceblobstore/paths/ferrotune/ckpt/run-1/"}
-                             if ARGS["checkpoints"] else {}))
+                          checkpoint_path="azureml://datastores/workspaceblobstore/paths/ferrotune/ckpt/run-1/")
 text_cpu, loaded_cpu = dump_and_load(job_cpu, tmp / "job_cpu.yml", load_job)
 y_cpu = yaml.safe_load(text_cpu)
 result["job_cpu"] = {"command": loaded_cpu.command, "code_files": sorted(files_under(loaded_cpu.code)),
@@ -564,7 +560,7 @@ def test_entities_round_trip_through_the_sdk(side_python, tmp_path):
               "target_modules": ["qkv_proj", "o_proj"], "deepspeed": "/a path/with 'quotes'/ds.json"}
     cache = tmp_path / "wheel-cache"
     r = run_side(side_python, ENTITIES, tmp_path, tmp=str(tmp_path), cache=str(cache), params=params,
-                 checkpoints=CHECKPOINTS)
+                 )
     version = r["version"]
     cpu_name, cuda_name = r["wheels"]
     assert version == ferrotune.__version__
@@ -577,8 +573,8 @@ def test_entities_round_trip_through_the_sdk(side_python, tmp_path):
         "ferrotune finetune --model ${{inputs.model}} --train-file ${{inputs.train_file}} "
         "--validation-file ${{inputs.validation_file}} --output-dir ferrotune_work "
     )
-    if CHECKPOINTS:
-        expected += "--checkpoint_dir ${{outputs.checkpoints}} --resume_from_checkpoint true "
+    # checkpoints: written to the `checkpoints` output, resumed from there
+    expected += "--checkpoint_dir ${{outputs.checkpoints}} --resume_from_checkpoint true "
     expected += (
         "--num_train_epochs 3 "
         "--per_device_train_batch_size 1 --per_device_eval_batch_size 1 --learning_rate 5e-06 "
@@ -595,11 +591,8 @@ def test_entities_round_trip_through_the_sdk(side_python, tmp_path):
     assert job["package_args"] == ["ferrotune_work", "ferrotune_model", None]
     # ferrotune's own CLI parser reads the job's command line as the notebook meant it
     config = dict(job["config"])
-    if CHECKPOINTS:
-        assert config.pop("checkpoint_dir") == str(tmp_path / "checkpoints")
-        assert config.pop("resume_from_checkpoint") is True
-    else:
-        config.pop("checkpoint_dir"), config.pop("resume_from_checkpoint")
+    assert config.pop("checkpoint_dir") == str(tmp_path / "checkpoints")
+    assert config.pop("resume_from_checkpoint") is True
     assert config == {
         "num_train_epochs": 3.0, "max_steps": -1, "learning_rate": 5e-6, "lr_scheduler_type": "cosine", "precision": "16",
         "save_total_limit": 1, "per_device_train_batch_size": 1, "target_modules": ["qkv_proj", "o_proj"],
@@ -612,11 +605,8 @@ def test_entities_round_trip_through_the_sdk(side_python, tmp_path):
     assert job["inputs"]["train_file"]["type"] == "uri_file"
     assert job["inputs"]["train_file"]["path"].endswith(str(tmp_path / "train_sft.jsonl"))
     assert job["inputs"]["validation_file"]["type"] == "uri_file"
-    if CHECKPOINTS:
-        assert job["outputs"] == {"trained_model": {"type": "mlflow_model"},
-                                  "checkpoints": {"type": "uri_folder", "mode": "rw_mount"}}
-    else:
-        assert job["outputs"] == {"trained_model": {"type": "mlflow_model"}}
+    assert job["outputs"] == {"trained_model": {"type": "mlflow_model"},
+                              "checkpoints": {"type": "uri_folder", "mode": "rw_mount"}}  # uploaded as written
     # one training process per GPU, started by Azure ML (ferrotune finetune joins them)
     assert job["distribution"] == {"type": "pytorch", "process_count_per_instance": 2}
     assert r["guard"] == [True, True] and r["gpu_warnings"] == []
@@ -644,11 +634,10 @@ def test_entities_round_trip_through_the_sdk(side_python, tmp_path):
     assert job_cpu["command"].startswith("python install_ferrotune.py --device cpu && ferrotune finetune ")
     assert job_cpu["code_files"] == ["install_ferrotune.py", f"wheels/{cpu_name}"]
     assert job_cpu["conda"]["dependencies"][-1]["pip"] == [*azure_wheels.CPU_REQUIRES, "mlflow-skinny", "azureml-mlflow"]
-    if CHECKPOINTS:
-        assert job_cpu["outputs"]["checkpoints"] == {
-            "type": "uri_folder", "mode": "rw_mount",
-            "path": "azureml://datastores/workspaceblobstore/paths/ferrotune/ckpt/run-1/",
-        }
+    assert job_cpu["outputs"]["checkpoints"] == {  # a fixed folder: a new job resumes from it
+        "type": "uri_folder", "mode": "rw_mount",
+        "path": "azureml://datastores/workspaceblobstore/paths/ferrotune/ckpt/run-1/",
+    }
     assert local_paths(job_cpu["yaml"], markers, {("code",), ("inputs", "train_file", "path")}) == []
 
     job1 = r["job1"]
@@ -906,7 +895,7 @@ def test_notebook_flow_on_a_real_mlclient(side_python, tmp_path):
         "python install_ferrotune.py --device auto && "
         "ferrotune finetune --model ${{inputs.model}} --train-file ${{inputs.train_file}} "
         "--validation-file ${{inputs.validation_file}} --output-dir ferrotune_work "
-        + ("--checkpoint_dir ${{outputs.checkpoints}} --resume_from_checkpoint true " if CHECKPOINTS else "")
+        + "--checkpoint_dir ${{outputs.checkpoints}} --resume_from_checkpoint true "
         + "--num_train_epochs 3 "
     )
     assert props["command"].endswith(
@@ -914,10 +903,8 @@ def test_notebook_flow_on_a_real_mlclient(side_python, tmp_path):
     )
     assert props["inputs"]["model"] == {"uri": f"{_WS}/models/Phi-3-mini-4k-instruct/versions/7", "jobInputType": "mlflow_model"}
     assert props["inputs"]["train_file"]["jobInputType"] == "uri_file"
-    outputs = {"trained_model": {"jobOutputType": "mlflow_model"}}
-    if CHECKPOINTS:
-        outputs["checkpoints"] = {"jobOutputType": "uri_folder", "mode": "ReadWriteMount"}
-    assert props["outputs"] == outputs
+    assert props["outputs"] == {"trained_model": {"jobOutputType": "mlflow_model"},
+                                "checkpoints": {"jobOutputType": "uri_folder", "mode": "ReadWriteMount"}}
     # the code folder (installer + both wheels) was uploaded, and the job points at it
     cpu_name, cuda_name = r["wheels"]
     assert "/codes/" in props["codeId"]
@@ -1151,7 +1138,7 @@ def test_early_errors_are_typed_and_send_nothing(side_python, tmp_path):
     check("bad_zip", "WheelError", "not a readable wheel (zip) file")
     # the job owns checkpoint_dir (its `checkpoints` output)
     check("checkpoint_dir_param", "InvalidArgumentError",
-          "leave checkpoint_dir out" if CHECKPOINTS else "unknown finetune parameter 'checkpoint_dir'")
+          "leave checkpoint_dir out")
     check("gpu_deploy_cpu_wheel", "WheelError", "GPU instance type needs ferrotune's CUDA wheel", "Standard_E8s_v3")
     check("old_gpu_deploy", "ComputeTargetError", "instance type Standard_NC6s_v2 (P100, compute capability 6.0)")
     assert r["requests_after_errors"] == 0

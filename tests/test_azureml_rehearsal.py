@@ -28,7 +28,6 @@ Slow (they build the wheel and create virtualenvs from PyPI on first use): marke
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -49,7 +48,6 @@ from tests.test_azureml import _NO_NETWORK_ENV, _markers, local_paths, run_side,
 
 pytestmark = pytest.mark.slow
 
-CHECKPOINTS = "checkpoint_dir" in importlib.import_module("ferrotune.finetune")._PARAMS
 EXPERIMENT = "rehearsal"
 # The stand-in for Azure ML's tracking server is an MLflow file store (Azure ML's own is an
 # azureml:// URI served by azureml-mlflow); MLflow 3 wants this opt-in for file stores.
@@ -184,8 +182,8 @@ def job_run(side_python, checkout_wheel, tmp_path_factory) -> dict:
                 os.environ[k] = v
     tokenizer = str(resources.files("ferrotune") / "_sample" / "phi3-tokenizer")
     model = ferrotune.create_random_model(str(tmp / "tiny-phi3"), DEMO_MODEL, seed=0, tokenizer=tokenizer)
-    params = {**DEMO_PARAMETERS, "device": "cpu", "num_train_epochs": 1, "max_steps": 6, "save_steps": 3,
-              "logging_steps": 1, "max_seq_length": 512}
+    params = {**DEMO_PARAMETERS, "device": "cpu", "num_train_epochs": 1, "max_steps": 6, "save_strategy": "steps",
+              "save_steps": 3, "logging_steps": 1, "max_seq_length": 512}
     job = run_side(side_python, JOB, tmp, tmp=str(tmp), cache=str(tmp / "wheel-cache"), model=str(model),
                    train=str(data["train_sft"].path), params=params, wheel=str(checkout_wheel), experiment=EXPERIMENT)
     image = azure_node.image_venv("rehearsal-train-image", _pip_part(job["conda"]))
@@ -239,9 +237,9 @@ def test_job_rehearsal(job_run):
     r = subprocess.run([str(job_run["image"]), "-c", code, uri, run_id], capture_output=True, text=True,
                        env={**os.environ, **MLFLOW_FILE_STORE})
     assert r.returncode == 0 and int(r.stdout.split()[-1]) >= 1, (r.stdout, r.stderr[-2000:])
-    if CHECKPOINTS:
-        checkpoints = sorted(p.name for p in first["outputs"]["checkpoints"].iterdir())
-        assert checkpoints == ["checkpoint-3", "checkpoint-6"], checkpoints
+    # the checkpoints went to their output (save_steps 3, max_steps 6)
+    checkpoints = sorted(p.name for p in first["outputs"]["checkpoints"].iterdir())
+    assert checkpoints == ["checkpoint-3", "checkpoint-6"], checkpoints
 
 
 def test_a_data_parallel_job_on_one_node(job_run, side_python):
@@ -285,7 +283,6 @@ def test_a_data_parallel_job_on_one_node(job_run, side_python):
     assert "ferrotune_model" in outs[0][0] and "ferrotune_model" not in outs[1][0]  # only rank 0 packaged
 
 
-@pytest.mark.skipif(not CHECKPOINTS, reason="`ferrotune finetune --checkpoint_dir` is not on this branch yet")
 def test_a_resubmitted_job_resumes_from_its_checkpoints_output(job_run):
     """The job again, on a fresh node, with the same outputs: it resumes from the newest
     checkpoint there (as if the first node had been preempted after step 3's checkpoint)."""

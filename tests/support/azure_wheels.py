@@ -23,7 +23,7 @@ from typing import Iterable
 #: what the real wheels declare (pyproject's dependencies); the CUDA wheel adds its
 #: NVIDIA runtime wheels
 CPU_REQUIRES = ("tqdm>=4.60", "numpy>=1.22")
-CUDA_REQUIRES = CPU_REQUIRES + ("nvidia-cublas-cu12>=12.1", "nvidia-cuda-runtime-cu12>=12.1", "nvidia-nccl-cu12>=2.18")
+CUDA_REQUIRES = CPU_REQUIRES + ("nvidia-cublas-cu12>=12.1,<13", "nvidia-nccl-cu12>=2.18")  # scripts/build_cuda.sh
 
 
 def _record_hash(data: bytes) -> str:

@@ -134,10 +134,6 @@ def _finetune_flags(params: Mapping[str, Any], has_validation: bool) -> tuple:
     return flags, config, names
 
 
-def _checkpoints_supported() -> bool:
-    return "checkpoint_dir" in importlib.import_module("ferrotune.finetune")._PARAMS
-
-
 def _checkpoint_output(sdk: Any, checkpoint_path: Optional[str]) -> Any:
     if checkpoint_path is None:
         return sdk.Output(type=sdk.AssetTypes.URI_FOLDER, mode="rw_mount")
@@ -275,7 +271,6 @@ def finetune_job(
     parallel = gpus_per_node > 1 or instance_count > 1
     params = dict(finetune_parameters or {})
     flags, config, given = _finetune_flags(params, validation_file is not None)
-    checkpoints = _checkpoints_supported()
     if "checkpoint_dir" in given:
         raise InvalidArgumentError(
             "finetune_parameters['checkpoint_dir']: the job keeps its checkpoints in its `checkpoints` output "
@@ -304,13 +299,12 @@ def finetune_job(
         train += ["--validation-file", "${{inputs.validation_file}}"]
     train += ["--output-dir", WORK_DIR]
     outputs: dict = {"trained_model": sdk.Output(type=sdk.AssetTypes.MLFLOW_MODEL)}
-    if checkpoints:
-        train += ["--checkpoint_dir", "${{outputs.checkpoints}}"]
-        if "resume_from_checkpoint" not in given:  # a resubmitted or restarted job resumes
-            train += ["--resume_from_checkpoint", "true"]
-        outputs["checkpoints"] = _checkpoint_output(sdk, checkpoint_path)
-    elif checkpoint_path is not None:
-        raise InvalidArgumentError("checkpoint_path= needs a ferrotune with the checkpoint_dir parameter")
+    # checkpoints go to their own output, written through as they are saved, and a
+    # restarted or resubmitted job resumes from the newest one there
+    train += ["--checkpoint_dir", "${{outputs.checkpoints}}"]
+    if "resume_from_checkpoint" not in given:
+        train += ["--resume_from_checkpoint", "true"]
+    outputs["checkpoints"] = _checkpoint_output(sdk, checkpoint_path)
     train += flags
     package = ["ferrotune", "package", WORK_DIR, PACKAGE_DIR]
     if req is not None:  # the packaged conda.yaml installs the same ferrotune

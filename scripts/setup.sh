@@ -64,7 +64,7 @@ if [ -n "$extras" ]; then
     cuda_site=.cuda-toolchain/lib/python3*/site-packages
     run .cuda-toolchain/bin/python scripts/compile_kernels.py --cuda-site $cuda_site --out "$kernels" -q
   fi
-  build+=(--extras "$extras" --features gpu-emu,cuda)
+  build+=(--extras "$extras" --features extension-module,gpu-emu,cuda)
   export FERROTUNE_KERNELS_DIR="$kernels"
 fi
 run env VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH" "${build[@]}"

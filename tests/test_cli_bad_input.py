@@ -530,7 +530,7 @@ def test_setup_installs_the_test_extra_only_when_asked():
     assert test.returncode == 0, test.stderr
     build = [line for line in test.stdout.splitlines() if "maturin develop" in line]
     # the test build carries the emulated GPU, so the tests run the GPU code path too
-    assert len(build) == 1 and build[0].endswith("maturin develop --release -q --extras test --features gpu-emu,cuda"), test.stdout
+    assert len(build) == 1 and build[0].endswith("maturin develop --release -q --extras test --features extension-module,gpu-emu,cuda"), test.stdout
     assert "next: .venv/bin/python -m pytest" in test.stdout
 
 

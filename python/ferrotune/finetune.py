@@ -20,6 +20,7 @@ import json
 import math
 import numbers
 import os
+import re
 import signal
 import sys
 import threading

@@ -757,3 +757,70 @@ pub fn finetune(cfg: &TrainConfig, ctx: &Ctx) -> Result<Summary> {
     }
     Ok(summary)
 }
+
+#[cfg(all(test, feature = "gpu-emu"))]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::kernels::cuda::{emu::Emu, Gpu};
+
+    /// The memory plan turns recompute on exactly when a step with kept activations would
+    /// not fit the device's free memory, and says so.
+    #[test]
+    fn recompute_turns_on_when_kept_activations_would_not_fit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("m");
+        let over = json!({"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
+                          "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100});
+        model::random::create_random_model(&dir, &over, 1, None).unwrap();
+        let emu = Arc::new(Emu::new((8, 0)));
+        let be: Arc<dyn Backend> = Arc::new(Gpu::new(emu.clone(), Dt::BF16, "emu".into()));
+        let model = Phi3::load(&dir, model::LoraConfig::default(), 0, be).unwrap();
+        let cfg = TrainConfig::from_json(&format!(
+            r#"{{"model": {:?}, "train_file": "x", "output_dir": "y", "per_device_train_batch_size": 2}}"#,
+            dir.display().to_string()
+        ))
+        .unwrap();
+        // two rows of 300 and 500 tokens: a micro-batch is at most 2 × 500 tokens
+        let train = TokenizedRows {
+            row_offsets: vec![0, 300, 800],
+            ..Default::default()
+        };
+        let (keep, again) = (model.step_bytes(1000, false), model.step_bytes(1000, true));
+        assert!(again < keep, "{again} vs {keep}");
+        let used = emu.used();
+        #[derive(Default)]
+        struct Messages(std::sync::Mutex<Vec<String>>);
+        impl crate::progress::Progress for Messages {
+            fn start(&self, _: u64, _: &str, _: Option<u64>, _: &str) {}
+            fn advance(&self, _: u64, _: u64) {}
+            fn finish(&self, _: u64) {}
+            fn message(&self, text: &str) {
+                self.0.lock().unwrap().push(text.to_string());
+            }
+        }
+        let rec = Arc::new(Messages::default());
+        let ctx = Ctx::new(rec.clone(), crate::progress::Cancel::new());
+        let messages = &rec.0;
+        emu.set_memory(used + keep + 1);
+        assert!(!memory_plan(&cfg, &model, &train, true, &ctx).unwrap());
+        assert!(messages.lock().unwrap().is_empty());
+        emu.set_memory(used + (keep + again) / 2);
+        assert!(memory_plan(&cfg, &model, &train, true, &ctx).unwrap());
+        let said = messages.lock().unwrap().join("\n");
+        assert!(
+            said.contains("a step of 1000 tokens")
+                && said.contains("turning on gradient_checkpointing"),
+            "{said}"
+        );
+        assert!(!said.contains("even with"), "{said}");
+        emu.set_memory(used + again / 2);
+        assert!(memory_plan(&cfg, &model, &train, true, &ctx).unwrap());
+        assert!(messages
+            .lock()
+            .unwrap()
+            .join("\n")
+            .contains("even with gradient_checkpointing"));
+    }
+}

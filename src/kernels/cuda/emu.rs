@@ -28,7 +28,7 @@ pub struct Emu {
     allocs: Mutex<BTreeMap<u64, usize>>,
     capability: (u32, u32),
     /// Its memory: `FERROTUNE_EMU_MEMORY` bytes (default 64 GiB), so tests can run out of it.
-    total: usize,
+    total: std::sync::atomic::AtomicUsize,
 }
 
 impl Emu {
@@ -47,8 +47,19 @@ impl Emu {
         Self {
             allocs: Mutex::new(BTreeMap::new()),
             capability,
-            total,
+            total: total.into(),
         }
+    }
+
+    /// Bytes allocated now.
+    pub fn used(&self) -> usize {
+        self.allocs.lock().expect("emu allocations").values().sum()
+    }
+
+    /// Changes the device's memory size (tests of memory plans).
+    pub fn set_memory(&self, total: usize) {
+        self.total
+            .store(total, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The size of kernel `name`'s parameter struct as the C++ compiler laid it out.
@@ -251,7 +262,7 @@ impl Runtime for Emu {
     }
 
     fn memory(&self) -> Result<(usize, usize)> {
-        let used: usize = self.allocs.lock().expect("emu allocations").values().sum();
-        Ok((self.total.saturating_sub(used), self.total))
+        let total = self.total.load(std::sync::atomic::Ordering::Relaxed);
+        Ok((total.saturating_sub(self.used()), total))
     }
 }

@@ -22,6 +22,7 @@
 
 #include "cuda_emu.h"
 
+#include <mutex>
 #include <cstdarg>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -489,6 +490,9 @@ void ft_emu_rt_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, u
                        "which ferrotune's launcher does not set",
                        name, smem_bytes);
     const unsigned n = (unsigned)threads;
+    // One launch at a time in the process: the kernels' __shared__ arrays are statics.
+    static std::mutex launch_lock;
+    std::lock_guard<std::mutex> hold(launch_lock);
     ensure_fibers(n);
     Pool& pool = tl_pool;
     if (!pool.dyn) {

@@ -11,17 +11,20 @@
 // until it reaches a barrier (__syncthreads, __syncwarp, a shuffle, a vote) or exits. Blocks
 // with an even linear index run their fibers in thread order, odd ones in reverse order, so
 // that a read of another thread's write without a barrier between them breaks one way or
-// the other. Several OS threads may launch at once (atomics are real atomics; everything
-// per-launch is thread_local).
+// the other. Several OS threads may launch at once: launches are serialised by one lock
+// (the kernels' __shared__ arrays are process-wide statics), the fibers' state is
+// thread_local.
 //
 // What is emulated, and how:
 //   * qualifiers: __global__ (always-inlined: no symbol of its own), __device__, __host__,
 //     __forceinline__, __align__(n), __launch_bounds__(...), __restrict__ (not __noinline__:
 //     libstdc++ spells its own attribute that way);
 //   * threadIdx / blockIdx / blockDim / gridDim (per fiber), warpSize;
-//   * __shared__ = `thread_local`: a block-scope __shared__ variable is shared by the fibers
-//     of the block that runs on this OS thread (blocks run one after another). It is NOT
-//     cleared between blocks (on a GPU its content is undefined at block start anyway);
+//   * __shared__ = `static`: a block-scope __shared__ variable is shared by the fibers of the
+//     block that runs (blocks run one after another, launches one at a time). Not
+//     `thread_local`: the kernels' shared arrays add up to ~0.5 MB, which a shared library
+//     loaded by dlopen (the Python extension) cannot get as static TLS. It is NOT cleared
+//     between blocks (on a GPU its content is undefined at block start anyway);
 //   * dynamic shared memory: `extern __shared__ T name[]` cannot be bound to the launch's
 //     buffer by a host compiler (the name is the kernel's), so kernels declare it with
 //     FT_DYN_SMEM(T, name) (defined here and, for NVRTC, in ../common.cuh); it is filled with
@@ -84,7 +87,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline __attribute__((always_inline))
-#define __shared__ thread_local
+#define __shared__ static
 #define __constant__ static const
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)

@@ -4,7 +4,9 @@ It lets a real ``azure.ai.ml.MLClient`` (a custom cloud whose resource manager i
 server, a fake ``TokenCredential``) run ferrotune's Azure ML calls end to end without
 Azure: the workspace, computes and VM sizes, command jobs, online endpoints (+ keys, scoring), online
 deployments, model / environment / code versions, and the blob uploads of a code folder
-(through the pending-upload SAS URI the service hands out, which points back here).
+(through the pending-upload SAS URI the service hands out, which points back here) or of an
+environment's Docker build context (through the workspace's default datastore, whose storage
+account host, :data:`STORAGE_HOST`, resolves to this server: see :meth:`FakeArm.trust`).
 Every request is recorded (method, path, query, JSON or raw body) for the tests to
 assert on.
 
@@ -29,7 +31,7 @@ from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Optional
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 SUBSCRIPTION = "00000000-0000-0000-0000-000000000000"
 RESOURCE_GROUP = "ferrotune-rg"
@@ -37,6 +39,11 @@ WORKSPACE = "ferrotune-ws"
 LOCATION = "eastus"
 CLOUD = "FerrotuneLoopbackCloud"
 ENDPOINT_KEY = "primary-key-for-tests"
+#: the workspace datastore's storage account and container (blob paths start with /blob/)
+STORAGE_ACCOUNT = "fakestorage"
+STORAGE_SUFFIX = "core.invalid"
+STORAGE_HOST = f"{STORAGE_ACCOUNT}.blob.{STORAGE_SUFFIX}"
+DATASTORE = "workspaceblobstore"
 
 _WS = (
     f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}"
@@ -64,7 +71,8 @@ def make_certificate(folder: Path) -> tuple[Path, Path]:
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(
             x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                [x509.DNSName("localhost"), x509.DNSName(STORAGE_HOST),
+                 x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
             ),
             critical=False,
         )
@@ -148,7 +156,7 @@ class FakeArm:
                 "resource_manager": self.url + "/",
                 "active_directory": "https://login.invalid/",
                 "aml_resource_id": "https://ml.invalid/",
-                "storage_endpoint": "core.invalid",
+                "storage_endpoint": f"{STORAGE_SUFFIX}:{self.port}",  # blob storage: this server too
                 "registry_discovery_endpoint": "https://registry.invalid/",
             },
             "enable_telemetry": False,
@@ -157,11 +165,23 @@ class FakeArm:
 
     def trust(self) -> None:
         """Makes ``requests`` (azure-core's transport) trust this server's certificate,
-        and only it, for the rest of the process."""
+        and only it, for the rest of the process, and makes the datastore's storage host
+        (:data:`STORAGE_HOST`) resolve to 127.0.0.1 (so the socket guard lets it through)."""
         import os
+        import socket
 
         os.environ["REQUESTS_CA_BUNDLE"] = str(self.cert)
         os.environ["SSL_CERT_FILE"] = str(self.cert)
+        for var in ("NO_PROXY", "no_proxy"):  # straight to us, not through the tests' dead proxy
+            os.environ[var] = ",".join(filter(None, [os.environ.get(var, ""), STORAGE_HOST]))
+        inner = socket.getaddrinfo
+
+        def resolve(host: Any, *args: Any, **kwargs: Any) -> Any:
+            if host in (STORAGE_HOST, STORAGE_HOST.encode()):
+                host = "127.0.0.1"
+            return inner(host, *args, **kwargs)
+
+        socket.getaddrinfo = resolve  # type: ignore[assignment]
 
     def calls(self, method: Optional[str] = None, contains: str = "") -> list:
         with self.lock:
@@ -244,6 +264,14 @@ class FakeArm:
             if m[1] == "codes":
                 return 200, {"value": []}, {}
             return 200, {"value": [v for (n, _), v in store.items() if n == m[2]]}, {}
+        m = re.fullmatch(r"/datastores/([^/]+)", rest)
+        if m and method == "GET":
+            return (200, self._datastore(), {}) if m[1] == DATASTORE else _not_found(f"datastore {m[1]}")
+        if rest == "/datastores" and method == "GET":  # get_default(): ?isDefault=true
+            return 200, {"value": [self._datastore()]}, {}
+        m = re.fullmatch(r"/datastores/([^/]+)/listSecrets", rest)
+        if m and method == "POST" and m[1] == DATASTORE:
+            return 200, {"secretsType": "Sas", "sasToken": "sv=2021-08-06&sig=fake"}, {}
         m = re.fullmatch(r"/codes/([^/]+)/versions/([^/]+)/startPendingUpload", rest)
         if m and method == "POST":
             container = "code-" + m[2]
@@ -259,6 +287,14 @@ class FakeArm:
                 "pendingUploadType": "TemporaryBlobReference",
             }, {}
         return self._unhandled(method, path)
+
+    def _datastore(self) -> dict:
+        return self._arm(
+            "Microsoft.MachineLearningServices/workspaces/datastores", f"{_WS}/datastores/{DATASTORE}", DATASTORE,
+            {"datastoreType": "AzureBlob", "accountName": STORAGE_ACCOUNT, "containerName": "blob",
+             "endpoint": STORAGE_SUFFIX, "protocol": "https", "isDefault": True,
+             "credentials": {"credentialsType": "Sas"}},
+        )
 
     def _endpoint(self, method: str, path: str, name: str, body: Any) -> tuple[int, Any, dict]:
         if method == "PUT":
@@ -317,7 +353,7 @@ class FakeArm:
         return self._unhandled(method, path)
 
     def _blob(self, method: str, path: str, query: dict, body: Any) -> tuple[int, Any, dict]:
-        blob = path[len("/blob/"):]
+        blob = unquote(path[len("/blob/"):])
         headers = {"ETag": '"0x1"', "Last-Modified": formatdate(usegmt=True), "x-ms-version": "2021-08-06",
                    "x-ms-request-id": str(uuid.uuid4())}
         comp = query.get("comp", [""])[0]

@@ -330,6 +330,41 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// An empty cache of `layers` layers of `(capacity, width)` keys and values on `be`.
+    pub(crate) fn new(
+        be: &dyn Backend,
+        layers: usize,
+        width: usize,
+        capacity: usize,
+    ) -> Result<Self> {
+        let capacity = capacity.max(1);
+        let buf = || be.zeros(capacity * width, be.act());
+        Ok(Self {
+            layers: (0..layers)
+                .map(|_| Ok((buf()?, buf()?)))
+                .collect::<Result<_>>()?,
+            len: 0,
+            capacity,
+        })
+    }
+
+    /// Makes room for `rows` tokens of `width` (at least doubling), keeping the cached ones.
+    pub(crate) fn reserve(&mut self, be: &dyn Backend, rows: usize, width: usize) -> Result<()> {
+        if rows <= self.capacity {
+            return Ok(());
+        }
+        let cap = rows.max(self.capacity * 2);
+        for (k, v) in self.layers.iter_mut() {
+            for b in [k, v] {
+                let mut grown = be.zeros(cap * width, b.dt())?;
+                be.copy(&mut grown, 0, b, 0, self.len * width)?;
+                *b = grown;
+            }
+        }
+        self.capacity = cap;
+        Ok(())
+    }
+
     /// Tokens cached so far.
     pub fn len(&self) -> usize {
         self.len
@@ -452,8 +487,6 @@ pub trait Backend: Send + Sync {
         dout: &Buf,
         lay: &Layout,
     ) -> Result<Buf>;
-    /// An empty cache for `layers` layers and up to `capacity` tokens (it grows if needed).
-    fn new_cache(&self, layers: usize, width: usize, capacity: usize) -> Result<KvCache>;
 
     // --- loss, reductions, optimizer
     /// Cross-entropy of the rows `h` (rows, hidden) against `targets` (i32, rows) through

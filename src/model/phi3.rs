@@ -547,7 +547,8 @@ impl Phi3 {
 
     /// An empty KV cache for one sequence of up to `capacity` tokens (it grows if needed).
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
-        self.be.new_cache(
+        KvCache::new(
+            self.be.as_ref(),
             self.layers.len(),
             self.cfg.num_key_value_heads * self.cfg.head_dim,
             capacity,

@@ -60,16 +60,7 @@ impl Cpu {
         h: Heads,
     ) -> Result<()> {
         let (w, kvw) = (h.qkv_width(), h.kv * h.dim);
-        if past + len > cache.capacity {
-            let cap = (past + len).max(cache.capacity * 2);
-            for (k, v) in cache.layers.iter_mut() {
-                k.f32s_mut()?.resize(cap * kvw, 0.0);
-                v.f32s_mut()?.resize(cap * kvw, 0.0);
-                k.len = cap * kvw;
-                v.len = cap * kvw;
-            }
-            cache.capacity = cap;
-        }
+        cache.reserve(self, past + len, kvw)?;
         let (k, v) = &mut cache.layers[layer];
         let (k, v) = (k.f32s_mut()?, v.f32s_mut()?);
         for r in 0..len {
@@ -437,22 +428,6 @@ impl Backend for Cpu {
             });
         }
         Ok(Buf::host_f32(dqkv))
-    }
-
-    fn new_cache(&self, layers: usize, width: usize, capacity: usize) -> Result<KvCache> {
-        let capacity = capacity.max(1);
-        Ok(KvCache {
-            layers: (0..layers)
-                .map(|_| {
-                    (
-                        Buf::host_f32(vec![0.0; capacity * width]),
-                        Buf::host_f32(vec![0.0; capacity * width]),
-                    )
-                })
-                .collect(),
-            len: 0,
-            capacity,
-        })
     }
 
     fn cross_entropy(

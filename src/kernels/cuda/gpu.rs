@@ -196,17 +196,7 @@ impl Gpu {
         h: Heads,
     ) -> Result<()> {
         let (w, kvw) = (h.qkv_width(), h.kv * h.dim);
-        if past + len > cache.capacity {
-            let cap = (past + len).max(cache.capacity * 2);
-            for (k, v) in cache.layers.iter_mut() {
-                for b in [k, v] {
-                    let mut grown = self.alloc(cap * kvw, self.act)?;
-                    self.copy(&mut grown, 0, b, 0, cache.len * kvw)?;
-                    *b = grown;
-                }
-            }
-            cache.capacity = cap;
-        }
+        cache.reserve(self, past + len, kvw)?;
         let (k, v) = &cache.layers[layer];
         for (dst, col) in [(k, h.q * h.dim), (v, (h.q + h.kv) * h.dim)] {
             let params = p::CopyRows {
@@ -775,22 +765,6 @@ impl Backend for Gpu {
         self.launch(&self.attn_kernel("attn_bwd_dq"), self.act, dq, &params)?;
         drop(table);
         Ok(dqkv)
-    }
-
-    fn new_cache(&self, layers: usize, width: usize, capacity: usize) -> Result<KvCache> {
-        let capacity = capacity.max(1);
-        Ok(KvCache {
-            layers: (0..layers)
-                .map(|_| {
-                    Ok((
-                        self.alloc(capacity * width, self.act)?,
-                        self.alloc(capacity * width, self.act)?,
-                    ))
-                })
-                .collect::<Result<_>>()?,
-            len: 0,
-            capacity,
-        })
     }
 
     fn cross_entropy(

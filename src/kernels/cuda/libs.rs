@@ -215,8 +215,7 @@ mod tests {
             "cuBLAS",
             "pip install nvidia-cublas-cu12",
         )
-        .err()
-        .expect("no such library");
+        .expect_err("no such library");
         let msg = err.to_string();
         assert!(matches!(err, Error::GpuUnavailable(_)), "{err:?}");
         assert!(

@@ -18,7 +18,8 @@
 # an existing demo set-up. PYTHON=/path/to/python3 picks the interpreter.
 set -euo pipefail
 
-usage() { sed -n '2,14s/^# \{0,1\}//p' "$0"; }
+# the whole leading comment block, whatever its length
+usage() { awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; }
 die() { echo "error: $*" >&2; exit 2; }
 
 extras=""

@@ -46,7 +46,12 @@ from tests.support.inference_server import InferenceServer, free_port
 from tests.support.venvs import ROOT
 from tests.test_azureml import _NO_NETWORK_ENV, _markers, local_paths, run_side, side_python  # noqa: F401
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    # a developer's dist-cuda/ wheel older than their edits is warned about (tested in
+    # test_azureml.py); these rehearsals run the CPU wheel and must not depend on it
+    pytest.mark.filterwarnings(r"ignore:the CUDA wheel dist-cuda/.* is older than:UserWarning"),
+]
 
 EXPERIMENT = "rehearsal"
 # The stand-in for Azure ML's tracking server is an MLflow file store (Azure ML's own is an

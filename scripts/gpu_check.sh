@@ -100,7 +100,14 @@ if want sanitizer && command -v compute-sanitizer >/dev/null 2>&1; then
 fi
 
 if want pytest; then
-  run pytest 240 "$VPY" -m pytest -m gpu -q -p no:cacheprovider -rs --junitxml "$WORK/pytest.xml" tests
+  # only the files that hold GPU tests: the others import packages the GPU machine may lack
+  # (trl, datasets), and one collection error would stop the whole run. The machine's torch /
+  # transformers are other versions than the test extra pins: their deprecation and user
+  # warnings are shown, not turned into failures (pyproject's filterwarnings = error).
+  GPU_TESTS=$(grep -l "mark.gpu" tests/test_*.py)
+  run pytest 240 "$VPY" -m pytest -m gpu -q -p no:cacheprovider -rs --continue-on-collection-errors \
+    -W default::DeprecationWarning -W default::UserWarning -W default::FutureWarning \
+    --junitxml "$WORK/pytest.xml" $GPU_TESTS
 fi
 
 if want train; then

@@ -25,6 +25,15 @@ def gpu_name() -> str:
         return "unknown GPU"
 
 
+def num(x, spec: str) -> str:
+    """``x`` formatted with ``spec``, or "–" when a step did not produce it (None, not a number):
+    a missing value must not cost the rest of the report."""
+    try:
+        return format(float(x), spec)
+    except (TypeError, ValueError):
+        return "–"
+
+
 def read_json(path: Path):
     try:
         return json.loads(path.read_text())
@@ -88,7 +97,7 @@ def main() -> int:
         bad = [c for c in checks if not c["passed"]]
         md += ["", f"## Self-check, precision {prec}: {len(checks) - len(bad)} of {len(checks)} within tolerance", "",
                "| check | error | tolerance | shapes |", "|---|---:|---:|---|"]
-        md += [f"| {'' if c['passed'] else '**FAIL** '}{c['name']} | {c['error']:.3g} | {c['tolerance']:.3g} | "
+        md += [f"| {'' if c['passed'] else '**FAIL** '}{c['name']} | {num(c['error'], '.3g')} | {num(c['tolerance'], '.3g')} | "
                f"{c['shapes']}{(' — ' + c['failure']) if c['failure'] else ''} |" for c in checks]
     if tests:
         md += ["", f"## pytest -m gpu: {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped"]
@@ -96,18 +105,18 @@ def main() -> int:
     if train:
         md += ["", "## Training (bench/gpu_train.py)", "", "| tool | phase | tokens/s | MFU % | GPU peak MiB |", "|---|---|---:|---:|---:|"]
         for r in report["train"]["runs"]:
-            tps = r.get("tokens_per_second")
-            md.append(f"| {r['tool']} | {r['phase']} | {tps and f'{tps:,.0f}'} | "
-                      f"{r.get('mfu') and f'{100 * r['mfu']:.1f}'} | {r.get('gpu_used_peak_minus_baseline_mib')} |"
+            mfu = r.get("mfu")
+            md.append(f"| {r['tool']} | {r['phase']} | {num(r.get('tokens_per_second'), ',.0f')} | "
+                      f"{num(mfu and 100 * mfu, '.1f')} | {num(r.get('gpu_used_peak_minus_baseline_mib'), ',.0f')} |"
                       + (f" {r.get('error') or r.get('oom')}" if r.get("error") or r.get("oom") else ""))
         for c in train.get("comparison") or []:
-            md.append(f"- {c['phase']}: speed ferrotune/peer {c.get('speed_ratio_ferrotune_over_peer', float('nan')):.2f}x, "
-                      f"GPU memory ferrotune/peer {c.get('gpu_mem_ratio_ferrotune_over_peer', float('nan')):.2f}, "
-                      f"max loss difference {c.get('loss_max_abs_diff', float('nan')):.3g}")
+            md.append(f"- {c.get('phase')}: speed ferrotune/peer {num(c.get('speed_ratio_ferrotune_over_peer'), '.2f')}x, "
+                      f"GPU memory ferrotune/peer {num(c.get('gpu_mem_ratio_ferrotune_over_peer'), '.2f')}, "
+                      f"max loss difference {num(c.get('loss_max_abs_diff'), '.3g')}")
     if gen:
         md += ["", "## Generation (bench/bench_generate.py)", "", "| B | tool | prefill tok/s | decode tok/s |", "|---:|---|---:|---:|"]
-        md += [f"| {r['batch']} | {r['tool']} | {r['prefill_tokens_per_second']:,.0f} | {r['decode_tokens_per_second']:,.1f} |"
-               for r in gen.get("rows", [])]
+        md += [f"| {r.get('batch')} | {r.get('tool')} | {num(r.get('prefill_tokens_per_second'), ',.0f')} | "
+               f"{num(r.get('decode_tokens_per_second'), ',.1f')} |" for r in gen.get("rows", [])]
     text = "\n".join(md) + "\n"
     (out / "gpu_check.md").write_text(text)
     print(text)

@@ -178,3 +178,25 @@ def test_build_cuda_declares_what_the_loader_loads():
     assert '"nvidia-cublas-cu12>=12.1,<13"' in script and '"nvidia-nccl-cu12>=2.18"' in script
     assert "libcublas.so.12" in libs and "libnccl.so.2" in libs
     assert "sm_70 sm_75 sm_80 sm_86 sm_89 sm_90" in script
+
+
+def test_nvidia_libraries_of_another_site_packages_are_found(tmp_path):
+    # a --system-site-packages virtualenv (what scripts/gpu_check.sh makes on the GPU machine,
+    # whose torch brought CUDA 13's nvidia/cu13/lib): cuBLAS sits in a site-packages other than
+    # ferrotune's, and the loader learns of it through FERROTUNE_CUDA_LIB_DIRS at import
+    import os
+
+    site = tmp_path / "system-site"
+    for sub in ("cu13", "nccl"):
+        (site / "nvidia" / sub / "lib").mkdir(parents=True)
+    (site / "nvidia" / "no_lib_folder").mkdir()
+    code = "import os, ferrotune; print(os.environ.get('FERROTUNE_CUDA_LIB_DIRS', ''))"
+    env = {k: v for k, v in os.environ.items() if k != "FERROTUNE_CUDA_LIB_DIRS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout.strip()
+    dirs = found.split(os.pathsep)
+    assert [str(site / "nvidia" / s / "lib") for s in ("cu13", "nccl")] == [d for d in dirs if d.startswith(str(site))]
+    # a user's own setting wins
+    env["FERROTUNE_CUDA_LIB_DIRS"] = "/opt/my-cuda/lib"
+    kept = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout.strip()
+    assert kept == "/opt/my-cuda/lib"

@@ -74,6 +74,9 @@ def main() -> int:
     if status.is_file():
         for line in status.read_text().splitlines():
             name, rc, took = line.split("\t")
+            if rc == "-":  # not started: the check's time budget was spent
+                steps.append({"step": name, "exit": None, "seconds": 0, "result": "skipped (no time left)"})
+                continue
             steps.append({"step": name, "exit": int(rc), "seconds": int(took),
                           "result": "ok" if rc == "0" else ("timed out" if rc in ("124", "137") else "failed")})
     selfcheck = {}
@@ -92,7 +95,9 @@ def main() -> int:
 
     md = [f"# GPU check: {report['gpu']}", "", f"wheel `{report['wheel']}`, {a.seconds} s in all", "",
           "| step | result | seconds |", "|---|---|---:|"]
-    md += [f"| {s['step']} | {s['result']} (exit {s['exit']}) | {s['seconds']} |" for s in steps]
+    for s in steps:
+        exit_code = "" if s["exit"] is None else f" (exit {s['exit']})"
+        md.append(f"| {s['step']} | {s['result']}{exit_code} | {s['seconds']} |")
     for prec, checks in selfcheck.items():
         bad = [c for c in checks if not c["passed"]]
         md += ["", f"## Self-check, precision {prec}: {len(checks) - len(bad)} of {len(checks)} within tolerance", "",

@@ -53,7 +53,8 @@ def test_the_report_sums_up_failed_timed_out_and_partial_steps(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
     work.mkdir()
     out.mkdir()
-    (work / "status.tsv").write_text("env\t0\t3\nselfcheck-bf16\t0\t41\nselfcheck-fp16\t1\t12\npytest\t1\t200\ntrain\t124\t330\n")
+    (work / "status.tsv").write_text("env\t0\t3\nselfcheck-bf16\t0\t41\nselfcheck-fp16\t1\t12\npytest\t1\t200\ntrain\t124\t330\n"
+                                     "generate\t-\t0\n")
     (work / "selfcheck_bf16.json").write_text(selfcheck_json())
     bad = {"name": "attention/backward 32x96", "dtype": "f16", "error": float("nan"), "tolerance": 0.08,
            "shapes": "segments [4096]", "passed": False, "failure": "NaN in dq"}
@@ -70,6 +71,7 @@ def test_the_report_sums_up_failed_timed_out_and_partial_steps(tmp_path):
     assert r.stdout.strip() == md.strip()
     assert "wheel `ferrotune-0.1.0+cu12-cp310-abi3-manylinux_2_28_x86_64.whl`, 586 s in all" in md
     assert "| selfcheck-fp16 | failed (exit 1) | 12 |" in md and "| train | timed out (exit 124) | 330 |" in md
+    assert "| generate | skipped (no time left) | 0 |" in md
     n = len(json.loads(selfcheck_json()))
     assert f"## Self-check, precision bf16: {n} of {n} within tolerance" in md
     assert "## Self-check, precision fp16: 0 of 1 within tolerance" in md
@@ -83,7 +85,7 @@ def test_the_report_sums_up_failed_timed_out_and_partial_steps(tmp_path):
     assert "| 1 | peer | 20,123 | 41.2 |" in md and "| 8 | ferrotune | – | – |" in md
 
     report = json.loads((out / "gpu_check.json").read_text())
-    assert [s["result"] for s in report["steps"]] == ["ok", "ok", "failed", "failed", "timed out"]
+    assert [s["result"] for s in report["steps"]] == ["ok", "ok", "failed", "failed", "timed out", "skipped (no time left)"]
     assert report["pytest"]["failed"] == 1 and report["selfcheck"]["fp16"][0]["failure"] == "NaN in dq"
     assert report["train"]["runs"][1]["tokens_per_second"] == 18400.2
 

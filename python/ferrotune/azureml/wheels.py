@@ -221,11 +221,7 @@ def _package_dir() -> Path:
 
 
 def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return _node_install._sha256(str(path))  # the node installer's own (it cannot import us)
 
 
 def _copy_atomic(src: Path, dest: Path) -> None:

@@ -519,6 +519,28 @@ def _ferrotune_core():
     return ferrotune, _core
 
 
+def _profile_ferrotune(job: dict, _core, m, flat: list) -> dict:
+    """After the timed steps, job["profile_steps"] more micro-batches (the first timed ones
+    again) under ferrotune's GPU profiler (`_core._gpu_profile`): {"profile": ...} with the
+    device time per kernel / GEMM shape, or {} on the CPU and in builds without it."""
+    n = int(job.get("profile_steps") or 0)
+    if n <= 0 or job["device"] == "cpu" or not hasattr(_core, "_gpu_profile"):
+        return {}
+    batches = flat[job["warmup"]:job["warmup"] + n] or flat[:n]
+    try:  # a failure here must not cost the timed result
+        _core._gpu_profile("start")
+        try:
+            for ids, labels, seqs in batches:
+                m.loss_and_grads(ids, labels, seqs, recompute=bool(job.get("gradient_checkpointing")))
+        finally:
+            prof = json.loads(_core._gpu_profile("stop"))
+    except Exception as e:  # noqa: BLE001 (reported, not raised)
+        return {"profile_error": f"{type(e).__name__}: {e}"[:500]}
+    prof["steps"] = len(batches)
+    prof["tokens"] = int(sum(ids.shape[0] for ids, _, _ in batches))
+    return {"profile": prof}
+
+
 def worker_ferrotune(job: dict) -> None:
     t_start = time.perf_counter()
     try:
@@ -536,7 +558,8 @@ def worker_ferrotune(job: dict) -> None:
 
         t_import = time.perf_counter()
         kw = dict(lora_r=job["lora_r"], lora_alpha=float(job["lora_alpha"]), lora_dropout=0.0,
-                  target_modules=list(job["target_modules"]), seed=job["seed"], device=job["device"])
+                  target_modules=list(job["target_modules"]), seed=job["seed"], device=job["device"],
+                  precision=job.get("precision", "32"))
         if job.get("adapter_dir"):
             kw["adapter"] = job["adapter_dir"]
         m = LoraModel.load(job["model_dir"], **kw)
@@ -564,10 +587,11 @@ def worker_ferrotune(job: dict) -> None:
                        "losses": losses})
                 return
             raise
+        profile = _profile_ferrotune(job, _core, m, flat)
         _emit({"tool": "ferrotune", "phase": job["phase"], "losses": losses, "n_targets": n_targets,
                "lora_params": int(sum(np.asarray(v).size for v in grads.values())),
                "import_s": t_import - t_start, "load_s": t_load - t_import, **_timing(job, t_steps, tokens, cpu_steps),
-               "device": job["device"], "versions": {"ferrotune": version}})
+               "device": job["device"], "versions": {"ferrotune": version}, **profile})
         return
 
     # phase "step": the whole trainer
@@ -818,7 +842,7 @@ def run_contenders(args, prep: dict, work: Path, *, device: str, dtype: str, pre
                    "lora_alpha": args.lora_alpha, "target_modules": args.target_modules.split(","), "lr": args.lr,
                    "max_grad_norm": args.max_grad_norm, "gradient_checkpointing": args.gradient_checkpointing,
                    "peer_gradient_checkpointing": args.peer_gradient_checkpointing,
-                   "seed": args.seed}
+                   "profile_steps": getattr(args, "profile_steps", 0), "seed": args.seed}
             label = f"{tool:9} {phase:7}"
             print(f"{label} ...", end=" ", flush=True)
             try:

@@ -27,7 +27,7 @@ device_map="cuda")` + PEFT (adapter weights float32, PEFT's default), forward un
 position_ids restarting per segment and no attention mask (transformers' packed-sequence
 detection -> block-diagonal causal mask; `use_cache=False`), fused `torch.optim.AdamW` (HF
 Trainer's default `adamw_torch_fused`), `clip_grad_norm_(1.0)`.
-ferrotune: `LoraModel.load(..., device="cuda")` + `loss_and_grads` (phase fwd_bwd) and
+ferrotune: `LoraModel.load(..., device="cuda", precision="bf16")` + `loss_and_grads` (phase fwd_bwd) and
 `finetune(device="cuda", precision="bf16")` (phase step), without gradient checkpointing unless
 its memory plan turns it on (it says so in its log).
 
@@ -66,6 +66,12 @@ intermediates, PEFT's input casts, eager RoPE copies) may not fit in 80 GB; a co
 out of GPU memory is reported as such (not as a crash), and `--batch 2` or
 `--peer-gradient-checkpointing` (what an HF user would do) give the comparison that fits.
 
+Profile: after its timed fwd_bwd steps, ferrotune runs --profile-steps (default 2) more under its
+own GPU profiler (`_core._gpu_profile`: CUDA events around every launch, GEMM and copy) and the
+run prints where the device's time goes (bench/profile_table.py), per group (attention, GEMMs,
+cross-entropy, other kernels, copies) and per kernel / GEMM shape, with the device's busy share
+of the span (the rest is the GPU waiting for the host). The profile is in the JSON too.
+
 Results: tables on stdout, bench/results/train_gpu.json (or --out; the --tiny / CPU smoke test
 writes train_gpu_smoke.json). Not yet timed on a GPU (none was lent when this was written): the
 estimate is a few minutes at the defaults, model creation included the first time; a run that
@@ -89,6 +95,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train_cpu as B  # noqa: E402
+from profile_table import profile_tables  # noqa: E402
 
 ROOT = B.ROOT
 GPU_DEFAULTS = {"hidden": 3072, "layers": 32, "heads": 32, "intermediate": 8192, "vocab": 32064, "seq": 4096, "batch": 2,
@@ -141,6 +148,8 @@ def main() -> int:
     ap.add_argument("--peer-only", action="store_true")
     ap.add_argument("--ferrotune-only", action="store_true")
     ap.add_argument("--gpu-index", type=int, default=None, help="nvidia-smi index of the GPU to sample (default: the cuda index)")
+    ap.add_argument("--profile-steps", type=int, default=2,
+                    help="ferrotune fwd_bwd: this many more steps under its GPU profiler after the timed ones (0: none)")
     ap.add_argument("--peak-tflops", type=float, default=H100_SXM_BF16_PEAK_TFLOPS, help="dense bf16 peak for MFU (H100 SXM: 989.4)")
     args = ap.parse_args()
     if args.peer_only and args.ferrotune_only:
@@ -204,6 +213,11 @@ def main() -> int:
               "GPU peak: device used memory (NVML/nvidia-smi) minus the baseline before the process; torch max allocated: peer only.")
     mfu_col = [("MFU %", lambda r: f"{100 * r['mfu']:.1f}" if r.get("mfu") is not None else "n/a")]
     B.print_report(runs, comps, header, gpu=cuda, extra_cols=mfu_col)
+    for r in runs:
+        prof = (r.get("result") or {}).get("profile")
+        if prof:
+            print(f"\nWhere ferrotune's GPU time goes ({r['phase']}, its profiler):")
+            print("\n".join(profile_tables(prof, prof.get("steps", 1))))
     out = Path(args.out) if args.out else B.RESULTS / ("train_gpu.json" if cuda and not args.tiny else "train_gpu_smoke.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({

@@ -7,30 +7,34 @@
 #   bash scripts/gpu_check.sh [dist-cuda/ferrotune-<ver>+cu12-...whl]
 #
 # Every step runs on its own with a time limit (a failure or a crashed kernel does not hide
-# the steps after it); the whole run stays under ~8 minutes on one H100:
-#   1. environment: GPU, driver, torch; the wheel installed into a virtualenv that sees the
-#      system's site-packages (pip --no-index --no-deps: the NVIDIA libraries torch brought
-#      serve, CUDA 12's or 13's)
-#   2. self-check: every CUDA primitive against its CPU twin at Phi-3's sizes, per precision
-#      (bf16, fp16, f32), each in its own process
-#   3. compute-sanitizer memcheck of the small self-check, racecheck of attention (if present)
-#   4. pytest -m gpu: the model vs the CPU, gradients vs peft, 20 training steps vs
-#      transformers + peft, greedy generation vs transformers
-#   5. bench/gpu_train.py: Phi-3-mini dimensions, packed 4096-token rows, bf16, LoRA r 16,
-#      ferrotune vs transformers + peft (sdpa) in the same run: tokens/s, MFU, peak memory
-#   6. bench/bench_generate.py on the GPU: prefill and decode vs transformers `generate`
+# the steps after it); the whole run stays under ~9 minutes on one H100. First the wheel is
+# installed into a virtualenv that sees the system's site-packages (pip --no-index --no-deps:
+# the NVIDIA libraries torch brought serve, CUDA 12's or 13's); then, most important first:
+#   env             GPU, driver, torch
+#   selfcheck-bf16  every CUDA primitive against its CPU twin at Phi-3's sizes, bf16
+#   train           bench/gpu_train.py: Phi-3-mini dimensions, packed 4096-token rows, bf16,
+#                   LoRA r 16, ferrotune vs transformers + peft (sdpa) in the same run:
+#                   tokens/s, MFU, peak memory, loss agreement; then ferrotune's GPU profile
+#                   of two more steps (device time per kernel and GEMM shape)
+#   pytest          pytest -m gpu: the model vs the CPU, gradients vs peft, 20 training steps
+#                   vs transformers + peft, greedy generation vs transformers
+#   generate        bench/bench_generate.py on the GPU: prefill and decode vs `generate`
+#   selfcheck-fp16, selfcheck-32   the self-check at the other precisions
+#   memcheck, racecheck            compute-sanitizer on the small self-check / attention
+#                                  (when compute-sanitizer is there)
 # Results in $OUT (default ./gpu_check_out): gpu_check.json and gpu_check.md (the summary),
 # gpu_check.log (every step's output), train_gpu.json, generate_gpu.json.
 #
-# Environment: OUT, PYTHON (default python3), GPU_CHECK_STEPS (e.g. "selfcheck pytest" to
-# run some steps only), GPU_CHECK_QUICK=1 (shorter benchmarks), GPU_CHECK_BUDGET (seconds for
-# the whole check, default 540).
+# Environment: OUT, PYTHON (default python3), GPU_CHECK_STEPS (the steps and their order, e.g.
+# "selfcheck pytest"; "selfcheck" = the three precisions, "sanitizer" = both sanitizers),
+# GPU_CHECK_QUICK=1 (shorter benchmarks), GPU_CHECK_BUDGET (seconds for the whole check,
+# default 540).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=${OUT:-$ROOT/gpu_check_out}
 PY=${PYTHON:-python3}
-STEPS=${GPU_CHECK_STEPS:-"env selfcheck sanitizer pytest train generate"}
+STEPS=${GPU_CHECK_STEPS:-"env selfcheck-bf16 train pytest generate selfcheck-fp16 selfcheck-32 memcheck racecheck"}
 mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/ferrotune-gpu-check.XXXXXX)
 LOG=$OUT/gpu_check.log
@@ -83,56 +87,74 @@ echo "$SYS_SITE" >"$VSITE/system-site.pth"
   || { say "error: could not install $WHEEL"; exit 1; }
 VPY=$VENV/bin/python
 
-if want env; then
-  run env 60 bash -c "nvidia-smi; $VPY - <<'EOF'
+# The steps, one function each; they run in the order of GPU_CHECK_STEPS, most important
+# first, so that a slow step costs the least useful ones: the bf16 self-check (are the kernels
+# right at all), the training benchmark (the issue's numbers, loss agreement with the peer and
+# ferrotune's own GPU profile), the GPU tests, generation, then the other precisions and the
+# sanitizers. "selfcheck" stands for the three self-checks, "sanitizer" for both sanitizers.
+step_env() {
+  run env 45 bash -c "nvidia-smi; $VPY - <<'EOF'
 import json, ferrotune, torch
 print('ferrotune', ferrotune.__version__, ferrotune.__file__)
 print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))
 print('cuda_available', ferrotune.cuda_available())
 EOF"
-fi
-
-if want selfcheck; then
-  for p in bf16 fp16 32; do
-    run "selfcheck-$p" 150 "$VPY" -c "
+}
+step_selfcheck() {  # precision: bf16, fp16 or 32
+  local p=$1
+  run "selfcheck-$p" "${2:-120}" "$VPY" -c "
 import json, sys, ferrotune
 checks = json.loads(ferrotune._core._gpu_selfcheck('cuda', '$p', full=True))
 json.dump(checks, open('$WORK/selfcheck_$p.json', 'w'), indent=1)
 for c in checks:
     print(('ok  ' if c['passed'] else 'FAIL'), c['name'], c['dtype'], '%.3g <= %.3g' % (c['error'], c['tolerance']), c['shapes'], c['failure'] or '')
 sys.exit(0 if all(c['passed'] for c in checks) else 1)"
-  done
-fi
-
-if want sanitizer && command -v compute-sanitizer >/dev/null 2>&1; then
-  run memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 "$VPY" -c \
+}
+step_memcheck() {
+  command -v compute-sanitizer >/dev/null 2>&1 || { say "== memcheck: no compute-sanitizer here"; return 0; }
+  run memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 9 "$VPY" -c \
     "import ferrotune; print(ferrotune._core._gpu_selfcheck('cuda', 'bf16', full=False))"
-  run racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 "$VPY" -c \
+}
+step_racecheck() {
+  command -v compute-sanitizer >/dev/null 2>&1 || { say "== racecheck: no compute-sanitizer here"; return 0; }
+  run racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 "$VPY" -c \
     "import ferrotune; print(ferrotune._core._gpu_selfcheck('cuda', 'bf16', full=False, only='attention'))"
-fi
-
-if want pytest; then
+}
+step_pytest() {
   # only the files that hold GPU tests: the others import packages the GPU machine may lack
   # (trl, datasets), and one collection error would stop the whole run. The machine's torch /
   # transformers are other versions than the test extra pins: their deprecation and user
   # warnings are shown, not turned into failures (pyproject's filterwarnings = error).
-  GPU_TESTS=$(grep -l "mark.gpu" tests/test_*.py)
-  run pytest 240 "$VPY" -m pytest -m gpu -q -p no:cacheprovider -rs --continue-on-collection-errors \
+  local files
+  files=$(grep -l "mark.gpu" tests/test_*.py)
+  run pytest 200 "$VPY" -m pytest -m gpu -q -p no:cacheprovider -rs --continue-on-collection-errors \
     -W default::DeprecationWarning -W default::UserWarning -W default::FutureWarning \
-    --junitxml "$WORK/pytest.xml" $GPU_TESTS
-fi
-
-if want train; then
-  QUICK=()
-  [ "${GPU_CHECK_QUICK:-0}" = 1 ] && QUICK=(--steps 4 --warmup 2)
-  run train 330 "$VPY" bench/gpu_train.py --out "$OUT/train_gpu.json" "${QUICK[@]}"
-fi
-
-if want generate; then
-  run generate 150 "$VPY" bench/bench_generate.py --device cuda --dtype bfloat16 \
+    --junitxml "$WORK/pytest.xml" $files
+}
+step_train() {
+  local quick=()
+  [ "${GPU_CHECK_QUICK:-0}" = 1 ] && quick=(--steps 4 --warmup 2)
+  run train 300 "$VPY" bench/gpu_train.py --out "$OUT/train_gpu.json" "${quick[@]}"
+}
+step_generate() {
+  run generate 120 "$VPY" bench/bench_generate.py --device cuda --dtype bfloat16 \
     --hidden 3072 --layers 32 --heads 32 --intermediate 8192 --batches 1,8 --prompt 512 \
     --new 64 --repeats 3 --threads 8 --out "$OUT/generate_gpu.json"
-fi
+}
+for s in $STEPS; do
+  case $s in
+    env) step_env ;;
+    selfcheck) for p in bf16 fp16 32; do step_selfcheck $p; done ;;
+    selfcheck-bf16 | selfcheck-fp16 | selfcheck-32) step_selfcheck "${s#selfcheck-}" ;;
+    sanitizer) step_memcheck; step_racecheck ;;
+    memcheck) step_memcheck ;;
+    racecheck) step_racecheck ;;
+    pytest) step_pytest ;;
+    train) step_train ;;
+    generate) step_generate ;;
+    *) say "== unknown step $s (steps: env selfcheck[-bf16|-fp16|-32] train pytest generate memcheck racecheck sanitizer)" ;;
+  esac
+done
 
 "$VPY" scripts/gpu_check_report.py --work "$WORK" --out "$OUT" --wheel "$WHEEL" \
   --seconds $(( $(date +%s) - T0 )) | tee -a "$LOG"

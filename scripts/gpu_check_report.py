@@ -4,7 +4,8 @@
 
 Reads DIR/status.tsv (step, exit code, seconds), DIR/selfcheck_<precision>.json,
 DIR/pytest.xml (JUnit), OUT/train_gpu.json and OUT/generate_gpu.json when present; writes
-OUT/gpu_check.json and OUT/gpu_check.md, and prints the markdown.
+OUT/gpu_check.json and OUT/gpu_check.md, and prints the markdown (with ferrotune's GPU profile
+of the training benchmark, bench/profile_table.py, when train_gpu.json has one).
 """
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ import argparse
 import json
 import subprocess
 import xml.etree.ElementTree as ET
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from profile_table import profile_tables  # noqa: E402
 
 
 def gpu_name() -> str:
@@ -89,7 +94,8 @@ def main() -> int:
               "selfcheck": selfcheck, "pytest": tests,
               "train": train and {"comparison": train.get("comparison"), "runs": [
                   {k: r.get(k) for k in ("tool", "phase", "mfu", "gpu_used_peak_minus_baseline_mib", "error", "oom")}
-                  | {"tokens_per_second": (r.get("result") or {}).get("tokens_per_second")} for r in train.get("runs", [])]},
+                  | {"tokens_per_second": (r.get("result") or {}).get("tokens_per_second")} for r in train.get("runs", [])],
+                  "profile": next((p for p in ((r.get("result") or {}).get("profile") for r in train.get("runs", [])) if p), None)},
               "generate": gen and gen.get("rows")}
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
 
@@ -118,6 +124,10 @@ def main() -> int:
             md.append(f"- {c.get('phase')}: speed ferrotune/peer {num(c.get('speed_ratio_ferrotune_over_peer'), '.2f')}x, "
                       f"GPU memory ferrotune/peer {num(c.get('gpu_mem_ratio_ferrotune_over_peer'), '.2f')}, "
                       f"max loss difference {num(c.get('loss_max_abs_diff'), '.3g')}")
+        prof = report["train"]["profile"]
+        if prof:
+            md += ["", "## Where ferrotune's GPU time goes (its profiler, fwd_bwd)", ""]
+            md += profile_tables(prof, prof.get("steps", 1))
     if gen:
         md += ["", "## Generation (bench/bench_generate.py)", "", "| B | tool | prefill tok/s | decode tok/s |", "|---:|---|---:|---:|"]
         md += [f"| {r.get('batch')} | {r.get('tool')} | {num(r.get('prefill_tokens_per_second'), ',.0f')} | "

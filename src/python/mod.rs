@@ -182,6 +182,31 @@ fn _gpu_selfcheck(
     py.allow_threads(run).map_err(|e| errors::to_pyerr(py, e))
 }
 
+/// The GPU profiler (`kernels/cuda/profile.rs`): `"start"` times every later launch, GEMM
+/// and copy of the process's GPU backends; `"stop"` waits for them and returns the profile
+/// as JSON (device, host_seconds, device_span_seconds, busy_seconds, calls, entries: name,
+/// calls, seconds, flops; longest first). For `bench/gpu_train.py` and the GPU check.
+#[pyfunction]
+fn _gpu_profile(py: Python<'_>, action: &str) -> PyResult<Option<String>> {
+    use crate::kernels::cuda::profile;
+    match action {
+        "start" => {
+            profile::start();
+            Ok(None)
+        }
+        "stop" => py
+            .allow_threads(profile::stop)
+            .map(|p| Some(serde_json::to_string(&p).expect("profile serialises")))
+            .map_err(|e| errors::to_pyerr(py, e)),
+        other => Err(errors::to_pyerr(
+            py,
+            crate::error::Error::InvalidArgument(format!(
+                "_gpu_profile: action {other:?}: use \"start\" or \"stop\""
+            )),
+        )),
+    }
+}
+
 /// Allocations made so far by the emulated GPUs of this process (test builds), or -1.
 #[pyfunction]
 fn _emu_allocations() -> i64 {
@@ -259,6 +284,7 @@ fn ferrotune_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_build, m)?)?;
     m.add_function(wrap_pyfunction!(_emu_allocations, m)?)?;
     m.add_function(wrap_pyfunction!(_gpu_selfcheck, m)?)?;
+    m.add_function(wrap_pyfunction!(_gpu_profile, m)?)?;
     m.add_function(wrap_pyfunction!(_json_string, m)?)?;
     m.add_function(wrap_pyfunction!(_group_sum_timings, m)?)?;
     m.add_class::<chat::PyChatTokenizer>()?;

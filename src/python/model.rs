@@ -71,9 +71,11 @@ impl PyLoraModel {
 #[pymethods]
 impl PyLoraModel {
     /// Loads a model folder, an Azure ML MLflow folder or a Hub repo, and adds adapters
-    /// (fresh from `seed`, or those of the PEFT folder `adapter`).
+    /// (fresh from `seed`, or those of the PEFT folder `adapter`). `precision` as in
+    /// `finetune` (`model::backend`): "auto" is float32 on the CPU and bf16 (fp16 before
+    /// sm_80) on a GPU; "32" keeps a GPU in float32.
     #[staticmethod]
-    #[pyo3(signature = (model, *, lora_r=8, lora_alpha=128.0, lora_dropout=0.0, target_modules=None, use_rslora=false, seed=42, device="cpu".to_string(), precision="32".to_string(), adapter=None, token=None, progress=None))]
+    #[pyo3(signature = (model, *, lora_r=8, lora_alpha=128.0, lora_dropout=0.0, target_modules=None, use_rslora=false, seed=42, device="cpu".to_string(), precision="auto".to_string(), adapter=None, token=None, progress=None))]
     #[allow(clippy::too_many_arguments)]
     fn load(
         py: Python<'_>,

@@ -14,7 +14,7 @@ use cudarc::driver::result as cu;
 use cudarc::driver::sys as cu_sys;
 
 use super::libs::{self, Blas, Nccl};
-use super::runtime::{out_of_memory, Gemm, Launch, Runtime};
+use super::runtime::{out_of_memory, Gemm, Launch, Mark, Runtime};
 use crate::error::{Error, Result};
 use crate::kernels::{Backend, Dt};
 
@@ -62,6 +62,8 @@ pub struct Cuda {
     capability: (u32, u32),
     functions: HashMap<String, FnHandle>,
     blas_lock: Mutex<()>,
+    /// Timing events of the profiler (`profile.rs`), reused: `CUevent`s as integers.
+    events: Mutex<Vec<u64>>,
 }
 
 #[derive(Clone, Copy)]
@@ -177,6 +179,7 @@ impl Cuda {
             capability: (major as u32, minor as u32),
             functions,
             blas_lock: Mutex::new(()),
+            events: Mutex::new(Vec::new()),
         })
     }
 
@@ -379,6 +382,39 @@ impl Runtime for Cuda {
     fn memory(&self) -> Result<(usize, usize)> {
         self.bind()?;
         cu::mem_get_info().map_err(|e| driver_err("cuMemGetInfo", e))
+    }
+
+    fn mark(&self) -> Result<Mark> {
+        self.bind()?;
+        let reused = self.events.lock().expect("events").pop();
+        let event = match reused {
+            Some(e) => e as cu_sys::CUevent,
+            None => cu::event::create(cu_sys::CUevent_flags::CU_EVENT_DEFAULT)
+                .map_err(|e| driver_err("cuEventCreate", e))?,
+        };
+        // SAFETY: an event of this context, recorded on our stream.
+        if let Err(e) = unsafe { cu::event::record(event, self.h.stream) } {
+            self.events.lock().expect("events").push(event as u64);
+            return Err(driver_err("cuEventRecord", e));
+        }
+        Ok(Mark::Device(event as u64))
+    }
+
+    fn elapsed(&self, a: &Mark, b: &Mark) -> Result<f64> {
+        let (Mark::Device(a), Mark::Device(b)) = (a, b) else {
+            return Err(Error::Compute("internal: host marks on a GPU".into()));
+        };
+        self.bind()?;
+        // SAFETY: events created and recorded by `mark` on our stream, not yet released.
+        let ms = unsafe { cu::event::elapsed(*a as cu_sys::CUevent, *b as cu_sys::CUevent) }
+            .map_err(|e| driver_err("cuEventElapsedTime", e))?;
+        Ok(f64::from(ms) / 1e3)
+    }
+
+    fn release(&self, m: Mark) {
+        if let Mark::Device(e) = m {
+            self.events.lock().expect("events").push(e);
+        }
     }
 }
 

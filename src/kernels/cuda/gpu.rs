@@ -54,11 +54,12 @@ fn check_i32(what: &str, n: usize) -> Result<i32> {
 
 impl Gpu {
     /// A backend computing in `act` (bf16, f16 or f32) on `rt`; `name` is what
-    /// [`Backend::name`] says ("cuda:0", "emu").
+    /// [`Backend::name`] says ("cuda:0", "emu"). Its calls are timed while the profiler
+    /// (`profile.rs`) is on.
     pub fn new(rt: Arc<dyn Runtime>, act: Dt, name: String) -> Self {
         let simt_env = std::env::var("FERROTUNE_ATTENTION").is_ok_and(|v| v == "simt");
         Self {
-            rt,
+            rt: super::profile::Profiled::wrap(rt),
             act,
             name,
             attn_simt: simt_env || act == Dt::F32,

@@ -3,11 +3,12 @@
 
 mod gpu;
 pub mod params;
+pub mod profile;
 mod runtime;
 pub mod selfcheck;
 
 pub use gpu::Gpu;
-pub use runtime::{out_of_memory, DevMem, Gemm, Launch, Runtime};
+pub use runtime::{out_of_memory, DevMem, Gemm, Launch, Mark, Runtime};
 
 use std::sync::Arc;
 

@@ -51,6 +51,14 @@ impl Launch {
     }
 }
 
+/// A point in a device's queue of work (see [`Runtime::mark`]).
+pub enum Mark {
+    /// The host clock, for runtimes that finish each call before returning (the emulator).
+    Host(std::time::Instant),
+    /// A device event recorded in the queue (the CUDA driver's `CUevent`, as an integer).
+    Device(u64),
+}
+
 /// A device the GPU backend computes on.
 pub trait Runtime: Send + Sync {
     /// "cuda:0 (NVIDIA H100 80GB HBM3, sm_90)", "emu".
@@ -73,6 +81,24 @@ pub trait Runtime: Send + Sync {
     fn sync(&self) -> Result<()>;
     /// (free, total) device memory in bytes.
     fn memory(&self) -> Result<(usize, usize)>;
+    /// Records a mark after the work queued so far: the time between two marks is the
+    /// device's time on the work queued between them (for the profiler, `profile.rs`). The
+    /// default is the host clock, right for runtimes that finish each call before returning.
+    fn mark(&self) -> Result<Mark> {
+        Ok(Mark::Host(std::time::Instant::now()))
+    }
+    /// Seconds from mark `a` to mark `b`, both of this runtime; the work before `b` must be
+    /// done ([`Runtime::sync`] first).
+    fn elapsed(&self, a: &Mark, b: &Mark) -> Result<f64> {
+        match (a, b) {
+            (Mark::Host(a), Mark::Host(b)) => Ok(b.saturating_duration_since(*a).as_secs_f64()),
+            _ => Err(Error::Compute(
+                "internal: device marks on a host-clock runtime".into(),
+            )),
+        }
+    }
+    /// Gives back a mark's resources (a device event) once it has been read.
+    fn release(&self, _m: Mark) {}
 }
 
 /// Device memory owned by a [`crate::kernels::Buf`]: freed when dropped.

@@ -167,3 +167,52 @@ mod model {
         // the caches grew past their capacity of 4: the growth path ran too
     }
 }
+
+#[test]
+fn the_profiler_times_every_launch_and_gemm_while_on() {
+    use super::profile;
+    use crate::kernels::Mat;
+    // (other tests may run on emulated GPUs meanwhile: what they add is only more rows)
+    let g = gpu(Dt::BF16);
+    let a = g.upload_f32(&[0.5; 6 * 4], Dt::BF16).unwrap();
+    let b = g.upload_f32(&[0.25; 4 * 3], Dt::BF16).unwrap();
+    let w = g.upload_f32(&[1.0; 4], Dt::BF16).unwrap();
+    let run = |n: usize| {
+        for _ in 0..n {
+            g.matmul(Mat::of(&a, 6, 4), Mat::of(&b, 4, 3), 1.0, Dt::F32)
+                .unwrap();
+            g.rms_norm(&a, &w, 1e-5).unwrap();
+        }
+        g.to_f32(&w).unwrap();
+    };
+    run(1); // not profiled
+    profile::start();
+    run(3);
+    let p = profile::stop().unwrap();
+    let row = |pred: &dyn Fn(&str) -> bool| {
+        p.entries
+            .iter()
+            .find(|e| pred(&e.name))
+            .unwrap_or_else(|| panic!("no such row in {:#?}", p.entries))
+    };
+    let gemm = row(&|n| n.starts_with("gemm ") && n.contains("3x6x4 bf16→f32"));
+    assert!(gemm.calls >= 3 && gemm.calls % 3 == 0, "{gemm:?}");
+    assert_eq!(gemm.flops, gemm.calls as f64 * 2.0 * 6.0 * 3.0 * 4.0);
+    let norm = row(&|n| n == "rms_norm_fwd_bf16");
+    assert!(norm.calls >= 3 && norm.flops == 0.0, "{norm:?}");
+    assert!(norm.seconds > 0.0 && gemm.seconds > 0.0);
+    assert!(p.device.contains("emulated"), "{}", p.device);
+    assert!(p.calls >= 6);
+    let busy: f64 = p.entries.iter().map(|e| e.seconds).sum();
+    assert!((busy - p.busy_seconds).abs() < 1e-12);
+    assert!(p.busy_seconds <= p.device_span_seconds + 1e-9, "{p:?}");
+    assert!(p.device_span_seconds <= p.host_seconds + 1e-9, "{p:?}");
+    assert!(
+        p.entries.windows(2).all(|w| w[0].seconds >= w[1].seconds),
+        "rows longest first"
+    );
+    // off again: nothing is timed, and stopping twice is an error
+    let err = profile::stop().unwrap_err().to_string();
+    assert!(err.contains("not running"), "{err}");
+    run(1);
+}

@@ -152,10 +152,15 @@ impl Runtime for Emu {
             return Err(super::out_of_memory(bytes, Some(free)));
         }
         // SAFETY: a non-zero size with a valid alignment.
-        let p = unsafe { std::alloc::alloc_zeroed(layout(bytes)) };
+        let p = unsafe { std::alloc::alloc(layout(bytes)) };
         if p.is_null() {
             return Err(super::out_of_memory(bytes, None));
         }
+        // A GPU's fresh memory (cuMemAllocAsync, often a buffer just freed to the pool) holds
+        // whatever was there: all-ones bytes here (NaN in f32, bf16 and f16; -1 in i32), so a
+        // read before the first write shows up in every test instead of passing as zeros.
+        // SAFETY: `bytes` bytes were just allocated at `p`.
+        unsafe { std::ptr::write_bytes(p, 0xFF, bytes) };
         let ptr = p as u64;
         self.allocs
             .lock()

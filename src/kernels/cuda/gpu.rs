@@ -39,6 +39,8 @@ pub struct Gpu {
     /// f32 products on TF32 tensor cores (precision "32"); `FERROTUNE_TF32=0` keeps them in
     /// full f32 (for exact comparisons).
     tf32: bool,
+    /// The largest grid y / z of the attention launches (CUDA's 65,535; tests lower it).
+    attn_grid_yz: u32,
     /// The real GPU behind `rt`, for NCCL.
     #[cfg(feature = "cuda")]
     cuda: Option<Arc<super::driver::Cuda>>,
@@ -46,6 +48,27 @@ pub struct Gpu {
 
 fn grid_for(n: usize) -> u32 {
     n.div_ceil(THREADS as usize).clamp(1, 65535) as u32
+}
+
+/// The attention kernels' grid: (tiles of the longest segment, heads, segments), y and z
+/// capped at `max_yz` (CUDA's 65,535; the kernels stride over all three, so a smaller grid
+/// is only slower: a micro-batch of more than 65,535 conversations is one of very short
+/// ones).
+fn attn_grid(longest: usize, heads: usize, segments: usize, max_yz: u32) -> [u32; 3] {
+    let cap = |n: usize| n.clamp(1, max_yz as usize) as u32;
+    [
+        longest.div_ceil(ATTN_TILE).clamp(1, i32::MAX as usize) as u32,
+        cap(heads),
+        cap(segments),
+    ]
+}
+
+#[cfg(test)]
+#[test]
+fn attention_grids_keep_within_cuda_limits() {
+    assert_eq!(attn_grid(4096, 32, 70_000, 65535), [64, 32, 65535]);
+    assert_eq!(attn_grid(1, 32, 3, 65535), [1, 32, 3]);
+    assert_eq!(attn_grid(0, 0, 0, 65535), [1, 1, 1]);
 }
 
 fn check_i32(what: &str, n: usize) -> Result<i32> {
@@ -64,6 +87,7 @@ impl Gpu {
             name,
             attn_simt: simt_env || act == Dt::F32,
             tf32: std::env::var("FERROTUNE_TF32").map_or(true, |v| v != "0"),
+            attn_grid_yz: 65535,
             #[cfg(feature = "cuda")]
             cuda: None,
         }
@@ -83,6 +107,14 @@ impl Gpu {
         } else {
             ATTN_TC_THREADS
         }
+    }
+
+    /// The same backend with attention grids of at most `max_yz` heads and segments (tests
+    /// of the kernels' strides over both).
+    #[cfg(test)]
+    pub fn with_attn_grid_yz(mut self, max_yz: u32) -> Self {
+        self.attn_grid_yz = max_yz;
+        self
     }
 
     /// The same backend with attention through the plain (SIMT) kernels.
@@ -673,11 +705,7 @@ impl Backend for Gpu {
             _pad: 0,
         };
         let cfg = Launch {
-            grid: [
-                longest.div_ceil(ATTN_TILE) as u32,
-                h.q as u32,
-                segs.len() as u32,
-            ],
+            grid: attn_grid(longest, h.q, segs.len(), self.attn_grid_yz),
             block: [self.attn_threads(), 1, 1],
             smem: 0,
         };
@@ -751,15 +779,14 @@ impl Backend for Gpu {
             Launch::linear(n as u32, ATTN_DOT_THREADS),
             &params,
         )?;
-        let tiles = longest.div_ceil(ATTN_TILE) as u32;
         let dkdv = Launch {
-            grid: [tiles, h.kv as u32, segs.len() as u32],
+            grid: attn_grid(longest, h.kv, segs.len(), self.attn_grid_yz),
             block: [self.attn_threads(), 1, 1],
             smem: 0,
         };
         self.launch(&self.attn_kernel("attn_bwd_dkdv"), self.act, dkdv, &params)?;
         let dq = Launch {
-            grid: [tiles, h.q as u32, segs.len() as u32],
+            grid: attn_grid(longest, h.q, segs.len(), self.attn_grid_yz),
             block: [self.attn_threads(), 1, 1],
             smem: 0,
         };

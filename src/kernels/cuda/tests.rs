@@ -217,3 +217,49 @@ fn the_profiler_times_every_launch_and_gemm_while_on() {
     assert!(err.contains("not running"), "{err}");
     run(1);
 }
+
+#[test]
+fn attention_strides_over_heads_and_segments_beyond_its_grid() {
+    // CUDA caps a grid's y and z at 65,535 and the attention launches cap heads and segments
+    // there (a micro-batch of >65,535 one-token conversations); the kernels then stride. The
+    // same cap lowered to 3 must give bit-identical results, forward and backward, on both
+    // kernel families.
+    use crate::kernels::Heads;
+    for (act, simt) in [(Dt::BF16, false), (Dt::F16, true)] {
+        let full = if simt {
+            gpu(act).with_simt_attention()
+        } else {
+            gpu(act)
+        };
+        let capped = if simt {
+            gpu(act).with_simt_attention()
+        } else {
+            gpu(act)
+        }
+        .with_attn_grid_yz(3);
+        let lens = [1, 5, 70, 1, 1, 33, 2, 1, 9, 1];
+        let heads = Heads {
+            q: 8,
+            kv: 2,
+            dim: 32,
+        };
+        let n: usize = lens.iter().sum();
+        let val = |i: usize| ((i * 7919) % 251) as f32 / 128.0 - 1.0;
+        let qkv_h: Vec<f32> = (0..n * heads.qkv_width()).map(val).collect();
+        let dout_h: Vec<f32> = (0..n * heads.q * heads.dim).map(|i| val(i + 17)).collect();
+        let run = |g: &Gpu| {
+            let lay = selfcheck::layout_for(g, &lens, heads, 48).unwrap();
+            let qkv = g.upload_f32(&qkv_h, act).unwrap();
+            let (out, lse) = g.attention(&qkv, &lay, None, 0).unwrap();
+            let dout = g.upload_f32(&dout_h, act).unwrap();
+            let dqkv = g
+                .attention_bwd(&qkv, &out, lse.as_ref(), &dout, &lay)
+                .unwrap();
+            (g.to_f32(&out).unwrap(), g.to_f32(&dqkv).unwrap())
+        };
+        let (a, b) = (run(&full), run(&capped));
+        assert!(a.0.iter().any(|x| *x != 0.0) && a.1.iter().all(|x| x.is_finite()));
+        assert_eq!(a.0, b.0, "{act:?} forward");
+        assert_eq!(a.1, b.1, "{act:?} backward");
+    }
+}

@@ -43,7 +43,6 @@ export PYTHONUNBUFFERED=1 FERROTUNE_TF32=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELI
 T0=$(date +%s)
 
 say() { echo "$*" | tee -a "$LOG"; }
-want() { [[ " $STEPS " == *" $1 "* ]]; }
 # run NAME SECONDS CMD...: output into the log; status into $WORK/status.tsv. The whole check
 # keeps within GPU_CHECK_BUDGET seconds (default 540: the device machine stops a command at
 # 600), so the report at the end is always written: a step gets at most what is left, and a

@@ -559,7 +559,7 @@ def worker_ferrotune(job: dict) -> None:
         t_import = time.perf_counter()
         kw = dict(lora_r=job["lora_r"], lora_alpha=float(job["lora_alpha"]), lora_dropout=0.0,
                   target_modules=list(job["target_modules"]), seed=job["seed"], device=job["device"],
-                  precision=job.get("precision", "32"))
+                  precision=job["precision"])
         if job.get("adapter_dir"):
             kw["adapter"] = job["adapter_dir"]
         m = LoraModel.load(job["model_dir"], **kw)

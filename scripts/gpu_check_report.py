@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import xml.etree.ElementTree as ET
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))

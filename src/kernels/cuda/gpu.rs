@@ -109,6 +109,16 @@ impl Gpu {
         }
     }
 
+    /// An attention launch over `segments` segments (the longest `longest` rows) and `heads`
+    /// heads (no dynamic shared memory).
+    fn attn_launch(&self, longest: usize, heads: usize, segments: usize) -> Launch {
+        Launch {
+            grid: attn_grid(longest, heads, segments, self.attn_grid_yz),
+            block: [self.attn_threads(), 1, 1],
+            smem: 0,
+        }
+    }
+
     /// The same backend with attention grids of at most `max_yz` heads and segments (tests
     /// of the kernels' strides over both).
     #[cfg(test)]
@@ -704,11 +714,7 @@ impl Backend for Gpu {
             scale: h.scale(),
             _pad: 0,
         };
-        let cfg = Launch {
-            grid: attn_grid(longest, h.q, segs.len(), self.attn_grid_yz),
-            block: [self.attn_threads(), 1, 1],
-            smem: 0,
-        };
+        let cfg = self.attn_launch(longest, h.q, segs.len());
         self.launch(&self.attn_kernel("attn_fwd"), self.act, cfg, &params)?;
         drop(table);
         Ok((out, Some(lse)))
@@ -779,17 +785,9 @@ impl Backend for Gpu {
             Launch::linear(n as u32, ATTN_DOT_THREADS),
             &params,
         )?;
-        let dkdv = Launch {
-            grid: attn_grid(longest, h.kv, segs.len(), self.attn_grid_yz),
-            block: [self.attn_threads(), 1, 1],
-            smem: 0,
-        };
+        let dkdv = self.attn_launch(longest, h.kv, segs.len());
         self.launch(&self.attn_kernel("attn_bwd_dkdv"), self.act, dkdv, &params)?;
-        let dq = Launch {
-            grid: attn_grid(longest, h.q, segs.len(), self.attn_grid_yz),
-            block: [self.attn_threads(), 1, 1],
-            smem: 0,
-        };
+        let dq = self.attn_launch(longest, h.q, segs.len());
         self.launch(&self.attn_kernel("attn_bwd_dq"), self.act, dq, &params)?;
         drop(table);
         Ok(dqkv)

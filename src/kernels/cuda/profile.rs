@@ -35,6 +35,14 @@ struct Pending {
     end: Mark,
 }
 
+impl Pending {
+    /// Gives the marks back unread.
+    fn release(self) {
+        self.rt.release(self.start);
+        self.rt.release(self.end);
+    }
+}
+
 #[derive(Default)]
 struct Total {
     calls: u64,
@@ -153,8 +161,7 @@ impl Session {
             if result.is_ok() {
                 result = self.add(&p);
             }
-            p.rt.release(p.start);
-            p.rt.release(p.end);
+            p.release();
         }
         result
     }
@@ -176,8 +183,7 @@ impl Session {
     /// Releases every mark without reading it.
     fn discard(mut self) {
         for p in std::mem::take(&mut self.pending) {
-            p.rt.release(p.start);
-            p.rt.release(p.end);
+            p.release();
         }
         if let Some((rt, m)) = self.first.take() {
             rt.release(m);

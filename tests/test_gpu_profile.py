@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ferrotune import LoraModel, _core
+from ferrotune import Generator, LoraModel, _core
 from tests.support import tiny_phi3 as tp
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,3 +146,27 @@ def test_the_training_benchmark_profiles_its_extra_steps_and_survives_a_failing_
     assert list(out) == ["profile_error"] and "InvalidArgumentError" in out["profile_error"], out
     with pytest.raises(ValueError, match="not running"):  # stopped after the failure too
         _core._gpu_profile("stop")
+
+
+def test_a_decoding_step_launches_the_same_kernels_whatever_the_batch(tmp_path):
+    # Generation appends every sequence's new keys and values with one kv_append per layer (a
+    # copy per sequence, key and value was half of a batched decoding step's launches): the
+    # launches per forward are the same for one conversation as for five.
+    d = tp.make_tiny_phi3(tmp_path / "m", hidden=H, layers=LAYERS, heads=HEADS, intermediate=I, seed=5)
+    g = Generator.load(str(d), device="emu", precision="bf16")
+
+    def launches(batch: int) -> dict:
+        prompts = [[1, 2 + i, 3, 4 + 2 * i][: 2 + i % 3] for i in range(batch)]
+        g.generate_ids(prompts, max_new_tokens=2)  # not profiled
+        _core._gpu_profile("start")
+        g.generate_ids(prompts, max_new_tokens=6)
+        prof = json.loads(_core._gpu_profile("stop"))
+        # six forwards (the prompts, then five decoding steps) in both runs
+        assert calls(prof, "attn_fwd_bf16") == 6 * LAYERS, prof["entries"]
+        kernels = {e["name"]: e["calls"] for e in prof["entries"] if group_of(e["name"]) != "copies, memsets"}
+        gemms = sum(n for k, n in kernels.items() if k.startswith("gemm "))
+        return {"gemm": gemms, **{k: n for k, n in kernels.items() if not k.startswith("gemm ")}}
+
+    one, five = launches(1), launches(5)
+    assert one == five
+    assert one["gemm"] >= 6 * (4 * LAYERS + 1) and one["kv_append_bf16"] == 6 * LAYERS

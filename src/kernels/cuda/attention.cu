@@ -32,6 +32,9 @@
 //   SIMT          fwd / dq: K and V tiles of 32 keys in f32: 32,768 bytes; dkdv: Q and dO
 //                 tiles of 32 queries in f32: 33,024 bytes.
 //   attn_bwd_dot  128 threads (a warp per head), no shared memory.
+// kv_append (generation) writes a batch's new keys and values into the KV caches through the
+// same segment table, one launch for all sequences (a copy per sequence and layer was half of
+// a batched decoding step's launches).
 //
 // The backward is deterministic (no atomics): attn_bwd_dot computes delta = rowsum(dO ∘ O),
 // attn_bwd_dkdv owns a tile of keys of one kv head and loops over the group's query heads
@@ -326,6 +329,28 @@ __device__ __forceinline__ void attn_bwd_dkdv_simt(const AttnBwdParams<T>& p) {
                         }
                     }
                 }
+            }
+        }
+    }
+}
+
+// Generation: the key and value columns of every segment's query rows appended to the
+// segment's KV cache (rows past .. past + len − 1 of segs[s].dk / dv, which are the cache's
+// k / v), all segments of a batch in one launch. One block per (row, segment), any 1-D
+// block: a row is 2 · kv_heads · head_dim contiguous elements of `q` (the fused qkv buffer).
+template <class T>
+__device__ __forceinline__ void kv_append(const AttnFwdParams<T>& p) {
+    const int W = p.kv_heads * p.head_dim;
+    const size_t k_col = (size_t)p.heads * p.head_dim;
+    for (int s = blockIdx.y; s < p.n_segs; s += gridDim.y) {
+        const AttnSeg<T> sg = p.segs[s];
+        for (int r = blockIdx.x; r < sg.len; r += gridDim.x) {
+            const T* __restrict__ src = p.q + (size_t)(sg.q_row + r) * p.q_stride + k_col;
+            T* __restrict__ dk = sg.dk + (size_t)(sg.past + r) * sg.kv_stride;
+            T* __restrict__ dv = sg.dv + (size_t)(sg.past + r) * sg.kv_stride;
+            for (int c = threadIdx.x; c < W; c += blockDim.x) {
+                dk[c] = src[c];
+                dv[c] = src[W + c];
             }
         }
     }
@@ -884,6 +909,13 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(const AttnBwdParams<T>& p) {
 #else
 #define FT_BF16_TC(call) __trap()
 #endif
+
+extern "C" __global__ void kv_append_f32(const AttnFwdParams<float> p) { kv_append(p); }
+FT_EXPORT(kv_append_f32, AttnFwdParams<float>)
+extern "C" __global__ void kv_append_f16(const AttnFwdParams<__half> p) { kv_append(p); }
+FT_EXPORT(kv_append_f16, AttnFwdParams<__half>)
+extern "C" __global__ void kv_append_bf16(const AttnFwdParams<__nv_bfloat16> p) { kv_append(p); }
+FT_EXPORT(kv_append_bf16, AttnFwdParams<__nv_bfloat16>)
 
 extern "C" __global__ void __launch_bounds__(FT_ATTN_SIMT_THREADS) attn_fwd_f32(const AttnFwdParams<float> p) { attn_fwd_simt(p); }
 FT_EXPORT(attn_fwd_f32, AttnFwdParams<float>)

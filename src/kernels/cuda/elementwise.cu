@@ -1,8 +1,8 @@
-// Element-wise and row-movement kernels (params.cuh: CastParams, AddParams, CopyRowsParams,
-// RowsParams). Each is one pass over memory that would otherwise take a candle op plus a
-// contiguous copy: dtype casts with an optional scale folded in, y += alpha·x in place,
-// strided row copies between the fused qkv buffer and the KV caches, and the row gathers /
-// scatters of the embedding lookup and of the rows that carry a training target.
+// Element-wise and row-movement kernels (params.cuh: CastParams, AddParams, RowsParams).
+// Each is one pass over memory that would otherwise take a candle op plus a contiguous copy:
+// dtype casts with an optional scale folded in, y += alpha·x in place, and the row gathers /
+// scatters of the embedding lookup and of the rows that carry a training target. (The KV
+// cache appends are attention.cu's kv_append.)
 #include "common.cuh"
 
 namespace {
@@ -17,15 +17,6 @@ template <class T>
 __device__ __forceinline__ void add(const AddParams<T>& p) {
     for (unsigned long long i = grid_start(); i < p.n; i += grid_stride())
         p.y[i] = from_f32<T>(to_f32(p.y[i]) + p.alpha * to_f32(p.x[i]));
-}
-
-template <class T>
-__device__ __forceinline__ void copy_rows(const CopyRowsParams<T>& p) {
-    for (int r = blockIdx.x; r < p.rows; r += gridDim.x) {
-        const T* __restrict__ s = p.src + (size_t)r * p.src_stride;
-        T* __restrict__ d = p.dst + (size_t)r * p.dst_stride;
-        for (int c = threadIdx.x; c < p.width; c += blockDim.x) d[c] = s[c];
-    }
 }
 
 template <class T>
@@ -76,13 +67,6 @@ extern "C" __global__ void add_f16(const AddParams<__half> p) { add(p); }
 FT_EXPORT(add_f16, AddParams<__half>)
 extern "C" __global__ void add_bf16(const AddParams<__nv_bfloat16> p) { add(p); }
 FT_EXPORT(add_bf16, AddParams<__nv_bfloat16>)
-
-extern "C" __global__ void copy_rows_f32(const CopyRowsParams<float> p) { copy_rows(p); }
-FT_EXPORT(copy_rows_f32, CopyRowsParams<float>)
-extern "C" __global__ void copy_rows_f16(const CopyRowsParams<__half> p) { copy_rows(p); }
-FT_EXPORT(copy_rows_f16, CopyRowsParams<__half>)
-extern "C" __global__ void copy_rows_bf16(const CopyRowsParams<__nv_bfloat16> p) { copy_rows(p); }
-FT_EXPORT(copy_rows_bf16, CopyRowsParams<__nv_bfloat16>)
 
 extern "C" __global__ void gather_rows_f32(const RowsParams<float> p) { gather_rows(p); }
 FT_EXPORT(gather_rows_f32, RowsParams<float>)

@@ -218,46 +218,32 @@ impl Gpu {
         Ok(mem)
     }
 
+    /// `*out += Σ x` (or `Σ x²`) over `n` f32 at `x`, in double, in an order fixed by `n`
+    /// alone (reduce.cu), so that training runs repeat bit for bit.
+    fn sum_f32(&self, x: u64, n: usize, square: bool, out: u64) -> Result<()> {
+        let parts = grid_for(n).min(1024);
+        let partial = DevMem::alloc(&self.rt, parts as usize * 8)?;
+        let params = p::Sum {
+            x,
+            out,
+            partial: partial.ptr,
+            n: n as u64,
+            square: i32::from(square),
+            parts: parts as i32,
+        };
+        let bytes = p::bytes(&params);
+        self.rt
+            .launch("sum_f32", Launch::linear(parts, THREADS), bytes)?;
+        self.rt
+            .launch("sum_f32_finish", Launch::linear(1, THREADS), bytes)
+    }
+
     fn attn_kernel(&self, base: &str) -> String {
         if self.attn_simt {
             format!("{base}_simt")
         } else {
             base.to_string()
         }
-    }
-
-    /// Appends segment rows `s..s+len` of the k and v columns of `qkv` to layer `layer` of
-    /// `cache` at rows `past..` (growing the cache when full).
-    #[allow(clippy::too_many_arguments)]
-    fn cache_append(
-        &self,
-        cache: &mut KvCache,
-        layer: usize,
-        qkv: &Buf,
-        (s, len): (usize, usize),
-        past: usize,
-        h: Heads,
-    ) -> Result<()> {
-        let (w, kvw) = (h.qkv_width(), h.kv * h.dim);
-        cache.reserve(self, past + len, kvw)?;
-        let (k, v) = &cache.layers[layer];
-        for (dst, col) in [(k, h.q * h.dim), (v, (h.q + h.kv) * h.dim)] {
-            let params = p::CopyRows {
-                src: self.ptr(qkv, s * w + col)?,
-                dst: self.ptr(dst, past * kvw)?,
-                rows: check_i32("rows", len)?,
-                width: kvw as i32,
-                src_stride: w as i32,
-                dst_stride: kvw as i32,
-            };
-            self.launch(
-                "copy_rows",
-                self.act,
-                Launch::linear(len as u32, 128),
-                &params,
-            )?;
-        }
-        Ok(())
     }
 }
 
@@ -663,21 +649,25 @@ impl Backend for Gpu {
         let n = lay.rows();
         let out = self.alloc(n * h.q * d, self.act)?;
         let lse = self.alloc(h.q * n, Dt::F32)?;
+        let kvw = h.kv * d;
         let mut segs = Vec::with_capacity(lay.segments.len());
         for (i, (&(s, len), &past)) in lay.segments.iter().zip(&lay.past).enumerate() {
             let seg = match caches.as_deref_mut() {
                 Some(c) => {
-                    self.cache_append(c[i], layer, qkv, (s, len), past, h)?;
+                    // the new keys and values go to rows past.. of the cache (kv_append
+                    // below writes them through dk / dv), attention reads the whole cache
+                    c[i].reserve(self, past + len, kvw)?;
                     let (k, v) = &c[i].layers[layer];
+                    let (k, v) = (self.ptr(k, 0)?, self.ptr(v, 0)?);
                     p::AttnSeg {
-                        k: self.ptr(k, 0)?,
-                        v: self.ptr(v, 0)?,
-                        dk: 0,
-                        dv: 0,
+                        k,
+                        v,
+                        dk: k,
+                        dv: v,
                         q_row: s as i32,
                         len: len as i32,
                         past: past as i32,
-                        kv_stride: (h.kv * d) as i32,
+                        kv_stride: kvw as i32,
                     }
                 }
                 None => p::AttnSeg {
@@ -714,6 +704,15 @@ impl Backend for Gpu {
             scale: h.scale(),
             _pad: 0,
         };
+        if caches.is_some() {
+            let cap = |n: usize| n.clamp(1, self.attn_grid_yz as usize) as u32;
+            let cfg = Launch {
+                grid: [cap(longest), cap(segs.len()), 1],
+                block: [128, 1, 1],
+                smem: 0,
+            };
+            self.launch("kv_append", self.act, cfg, &params)?;
+        }
         let cfg = self.attn_launch(longest, h.q, segs.len());
         self.launch(&self.attn_kernel("attn_fwd"), self.act, cfg, &params)?;
         drop(table);
@@ -832,18 +831,7 @@ impl Backend for Gpu {
                 need_grad: i32::from(grad_scale.is_some()),
             };
             self.launch("ce_rows", self.act, Launch::linear(c as u32, 256), &params)?;
-            let sum = p::Sum {
-                x: self.ptr(&losses, 0)?,
-                out: self.ptr(loss, 0)?,
-                n: c as u64,
-                square: 0,
-                _pad: 0,
-            };
-            self.rt.launch(
-                "sum_f32",
-                Launch::linear(grid_for(c), THREADS),
-                p::bytes(&sum),
-            )?;
+            self.sum_f32(self.ptr(&losses, 0)?, c, false, self.ptr(loss, 0)?)?;
             if let Some(dh) = &dh {
                 // dh rows = (scale · (softmax − onehot)) @ w, written into place.
                 self.gemm_into(
@@ -863,18 +851,7 @@ impl Backend for Gpu {
     fn sum_into(&self, x: &Buf, square: bool, out: &mut Buf, idx: usize) -> Result<()> {
         self.same("sum input", x, Dt::F32)?;
         self.same("sum output", out, Dt::F64)?;
-        let params = p::Sum {
-            x: self.ptr(x, 0)?,
-            out: self.ptr(out, idx)?,
-            n: x.len() as u64,
-            square: i32::from(square),
-            _pad: 0,
-        };
-        self.rt.launch(
-            "sum_f32",
-            Launch::linear(grid_for(x.len()).min(1024), THREADS),
-            p::bytes(&params),
-        )
+        self.sum_f32(self.ptr(x, 0)?, x.len(), square, self.ptr(out, idx)?)
     }
 
     fn adamw(

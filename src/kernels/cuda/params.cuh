@@ -158,19 +158,6 @@ struct AddParams {
     int _pad;
 };
 
-// copy_rows_<T>: dst[r · dst_stride + c] = src[r · src_stride + c] for r < rows, c < width
-// (strided row copy: KV-cache appends, splitting q/k/v columns). Launch: grid.x = rows,
-// 128 threads.
-template <class T>
-struct CopyRowsParams {
-    const T* src;
-    T* dst;
-    int rows;
-    int width;
-    int src_stride;
-    int dst_stride;
-};
-
 // gather_rows_<T>: dst[i, :] = src[idx[i], :] (embedding lookup, the rows that have a
 // target). scatter_rows_<T>: dst[idx[i], :] = src[i, :] (dst's other rows untouched;
 // idx has no duplicates). Launch: grid.x = rows, 128 threads.
@@ -204,15 +191,18 @@ struct CeRowsParams {
 };
 
 // ---------------------------------------------------------------------------------------
-// Reductions over f32 vectors (kernel: sum_f32). Launch: 256 threads, grid-stride, any
-// grid.x. *out += Σ x[i] (square == 0) or Σ x[i]² (square != 0), accumulated in double
-// (atomicAdd on a double; the caller zeroes *out when it starts a new sum).
+// Reductions over f32 vectors, in double, in a fixed order (deterministic, no atomics):
+// *out += Σ x[i] (square == 0) or Σ x[i]² (square != 0); the caller zeroes *out when it
+// starts a new sum. Two launches with the same parameters, whole warps per block:
+//   sum_f32         grid.x == parts (else trap), grid-stride: partial[b] = block b's share;
+//   sum_f32_finish  one block: *out += Σ_b partial[b].
 struct SumParams {
     const float* x;
     double* out;
+    double* partial;  // (parts) device scratch
     unsigned long long n;
     int square;
-    int _pad;
+    int parts;
 };
 
 // ---------------------------------------------------------------------------------------
@@ -276,8 +266,8 @@ template <class T>
 struct AttnSeg {
     const T* k;
     const T* v;
-    T* dk;          // backward only: d K rows (same layout as k, kv_stride); else nullptr
-    T* dv;          // backward only
+    T* dk;          // where a kernel writes key rows (same layout as k, kv_stride): the
+    T* dv;          // backward's d K / d V; kv_append's cache rows (= k / v); else nullptr
     int q_row;
     int len;
     int past;
@@ -304,6 +294,10 @@ struct AttnSeg {
 #define FT_ATTN_MAX_HEAD_DIM 128
 
 // attn_fwd_<T> / attn_fwd_simt_<T>: out and lse as above.
+// kv_append_<T> (same parameters; out, lse and scale unused): for every segment, rows
+// q_row .. q_row + len − 1 of q's key and value columns (heads·head_dim, then
+// (heads + kv_heads)·head_dim; kv_heads·head_dim each) copied to rows past .. past + len − 1
+// of segs[s].dk / dv. Launch: grid (longest len, n_segs) (grid-stride in both), any 1-D block.
 template <class T>
 struct AttnFwdParams {
     const T* q;

@@ -94,17 +94,6 @@ pub struct Add {
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-pub struct CopyRows {
-    pub src: u64,
-    pub dst: u64,
-    pub rows: i32,
-    pub width: i32,
-    pub src_stride: i32,
-    pub dst_stride: i32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
 pub struct Rows {
     pub src: u64,
     pub dst: u64,
@@ -130,9 +119,10 @@ pub struct CeRows {
 pub struct Sum {
     pub x: u64,
     pub out: u64,
+    pub partial: u64,
     pub n: u64,
     pub square: i32,
-    pub _pad: i32,
+    pub parts: i32,
 }
 
 #[repr(C)]

@@ -32,6 +32,7 @@ FT_KERNEL_SET(attn_bwd_dkdv)
 FT_KERNEL_SET(attn_bwd_dkdv_simt)
 FT_KERNEL_SET(attn_bwd_dq)
 FT_KERNEL_SET(attn_bwd_dq_simt)
+FT_KERNEL_SET(kv_append)
 
 using namespace th;
 
@@ -448,10 +449,50 @@ void check_reference_gradient() {
     expect(worst < 1e-4, fmt("attention reference: analytic gradient vs central differences (worst %.2e)", worst));
 }
 
+// kv_append: every segment's new key and value rows land at rows past.. of its cache,
+// bit-exact; the cache's other rows and its row padding keep their sentinel. The grid is
+// smaller than (longest, segments), so both grid-stride loops are exercised.
+template <class T>
+void test_kv_append(uint64_t seed) {
+    Rng rng(seed);
+    const int heads = 4, kv_heads = 2, D = 24, W = kv_heads * D;
+    const int q_stride = (heads + 2 * kv_heads) * D + 8, kv_stride = W + 4;
+    const std::vector<int> lens = {1, 70, 3, 2}, pasts = {37, 0, 5, 1};
+    int rows = 0;
+    for (int l : lens) rows += l;
+    const auto qkv = randn<T>(rng, (size_t)rows * q_stride);
+    std::vector<std::vector<T>> kc, vc;
+    std::vector<AttnSeg<T>> segs;
+    for (size_t s = 0, q_row = 0; s < lens.size(); q_row += lens[s], ++s) {
+        const size_t cap = (size_t)(pasts[s] + lens[s] + 2) * kv_stride;
+        kc.emplace_back(cap, sentinel<T>());
+        vc.emplace_back(cap, sentinel<T>());
+        segs.push_back({kc[s].data(), vc[s].data(), kc[s].data(), vc[s].data(), (int)q_row, lens[s],
+                        pasts[s], kv_stride});
+    }
+    AttnFwdParams<T> p{qkv.data(), nullptr, nullptr, segs.data(), q_stride, heads * D, rows,
+                       (int)segs.size(), heads, kv_heads, D, INT_MAX, 1.f, 0};
+    FT_LAUNCH(kv_append, T, 3, 2, 1, 32, p);
+    bool ok = true;
+    for (size_t s = 0; s < lens.size(); ++s)
+        for (size_t i = 0; i < kc[s].size(); ++i) {
+            const int r = (int)(i / kv_stride) - pasts[s], c = (int)(i % kv_stride);
+            const bool fresh = r >= 0 && r < lens[s] && c < W;
+            const size_t src = (size_t)(segs[s].q_row + r) * q_stride + heads * D + c;
+            ok &= same_bits(kc[s][i], fresh ? qkv[src] : sentinel<T>());
+            ok &= same_bits(vc[s][i], fresh ? qkv[src + W] : sentinel<T>());
+        }
+    expect(ok, fmt("kv_append %s segments 1/70/3/2 after pasts 37/0/5/1, grid 3x2: exact, the rest untouched",
+                   DT<T>::name));
+}
+
 }  // namespace
 
 void run_attention_tests(bool quick, const char* filter) {
     check_reference_gradient();
+    test_kv_append<float>(7);
+    test_kv_append<__half>(8);
+    test_kv_append<__nv_bfloat16>(9);
     std::vector<Case> cases = {
         {"packed", {1, 2, 17, 64, 65, 300}, {}, 4, 2, 64, INT_MAX, false, 8, true, true},
         {"gqa-1", {17, 65, 130}, {}, 4, 1, 32, INT_MAX, false, 8},

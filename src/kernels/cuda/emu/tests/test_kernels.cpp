@@ -17,7 +17,6 @@ FT_KERNEL_SET(swiglu_fwd)
 FT_KERNEL_SET(swiglu_bwd)
 FT_KERNEL_SET(dropout)
 FT_KERNEL_SET(add)
-FT_KERNEL_SET(copy_rows)
 FT_KERNEL_SET(gather_rows)
 FT_KERNEL_SET(scatter_rows)
 FT_KERNEL_SET(ce_rows)
@@ -28,6 +27,7 @@ FT_DECL(cast_f16_to_bf16)
 FT_DECL(cast_bf16_to_f32)
 FT_DECL(cast_bf16_to_f16)
 FT_DECL(sum_f32)
+FT_DECL(sum_f32_finish)
 FT_DECL(adamw_f32)
 
 using namespace th;
@@ -331,20 +331,6 @@ void test_add_and_rows(Rng& rng) {
         c.done();
     }
     {
-        const int rows = 37, width = 200, ss = 230, ds = 333;
-        auto src = randn<T>(rng, (size_t)rows * ss);
-        std::vector<T> dst((size_t)rows * ds, sentinel<T>());
-        CopyRowsParams<T> p{src.data(), dst.data(), rows, width, ss, ds};
-        FT_LAUNCH(copy_rows, T, 5, 1, 1, 128, p);
-        bool ok = true;
-        for (int r = 0; r < rows; ++r)
-            for (int c = 0; c < ds; ++c) {
-                const T& got = dst[(size_t)r * ds + c];
-                ok &= c < width ? same_bits(got, src[(size_t)r * ss + c]) : same_bits(got, sentinel<T>());
-            }
-        expect(ok, fmt("copy_rows %s rows=%d width=%d src_stride=%d dst_stride=%d: exact, the rest untouched", tn, rows, width, ss, ds));
-    }
-    {
         const int vocab = 101, width = 96, rows = 40;
         auto table = randn<T>(rng, (size_t)vocab * width);
         std::vector<int> idx(rows);
@@ -425,11 +411,13 @@ void test_sum(Rng& rng) {
     for (auto& v : x) v = (float)(rng.normal() * 3.0 + 0.5);
     for (int square = 0; square < 2; ++square) {
         double out = 1.5;
-        SumParams p{x.data(), &out, n, square, 0};
+        std::vector<double> partial(13, -777.0);
+        SumParams p{x.data(), &out, partial.data(), n, square, 13};
         launch(ft_emu_sum_f32, ft_emu_sizeof_sum_f32, 13, 1, 1, 256, p);
+        launch(ft_emu_sum_f32_finish, ft_emu_sizeof_sum_f32_finish, 1, 1, 1, 128, p);
         long double want = 1.5L;
         for (float v : x) want += square ? (long double)v * v : (long double)v;
-        Cmp c(fmt("sum_f32 n=%llu square=%d grid=13 (adds to *out = 1.5)", n, square), 1e-12, 1.0);
+        Cmp c(fmt("sum_f32 + sum_f32_finish n=%llu square=%d parts=13 (adds to *out = 1.5)", n, square), 1e-12, 1.0);
         c.add(out, (double)want);
         c.done();
     }

@@ -496,7 +496,9 @@ def worker_peer(job: dict) -> None:
         _emit({"tool": "peer", "phase": job["phase"], "oom": f"out of GPU memory at step {len(losses) + 1}: {str(e)[:300]}",
                "cuda_max_allocated_mib": torch.cuda.max_memory_allocated() / 2**20, "losses": losses})
         return
+    profile = _profile_peer(job, model, batches[job["warmup"]:], autocast) if opt is None else {}
     res = {
+        **profile,
         "tool": "peer", "phase": job["phase"], "losses": losses, "grad_norms": grad_norms, "lora_params": n_lora,
         "import_s": t_import - t_start, "load_s": t_load - t_import, **_timing(job, t_steps, tokens, cpu_steps),
         "threads": torch.get_num_threads(), "device": device, "dtype": job["dtype"],
@@ -509,6 +511,73 @@ def worker_peer(job: dict) -> None:
         res["cuda_max_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
         res["device_name"] = torch.cuda.get_device_name()
     _emit(res)
+
+
+def torch_profile_summary(prof, device: str, host_seconds: float) -> dict:
+    """A torch.profiler run in the shape of ferrotune's `_core._gpu_profile("stop")` (so that
+    bench/profile_table.py tabulates both): the device's kernels, copies and memsets (the CPU's
+    operators when `device` is "cpu") with calls and self seconds, longest first; busy seconds
+    (their sum) and the device span (first start to last end)."""
+    from torch.autograd import DeviceType
+
+    on_gpu = device != "cpu"
+    kind = DeviceType.CUDA if on_gpu else DeviceType.CPU
+
+    def self_us(e) -> float:
+        return float(e.self_device_time_total if on_gpu else e.self_cpu_time_total)
+
+    entries = [{"name": e.key, "calls": int(e.count), "seconds": self_us(e) / 1e6, "flops": 0}
+               for e in prof.key_averages() if e.device_type == kind and self_us(e) > 0]
+    entries.sort(key=lambda e: -e["seconds"])
+    ranges = [(ev.time_range.start, ev.time_range.end) for ev in prof.events() if ev.device_type == kind]
+    span = (max(b for _, b in ranges) - min(a for a, _ in ranges)) / 1e6 if ranges else 0.0
+    return {"device": device, "host_seconds": host_seconds, "device_span_seconds": span,
+            "busy_seconds": sum(e["seconds"] for e in entries), "calls": sum(e["calls"] for e in entries),
+            "entries": entries}
+
+
+def _profile_peer(job: dict, model, batches: list, autocast) -> dict:
+    """The peer's side of `_profile_ferrotune`: job["profile_steps"] more forward + backward
+    passes (the first timed batches again) under torch.profiler, on a GPU only: {"profile": ...},
+    {} on the CPU, {"profile_error": ...} when it fails (the timed result stands)."""
+    n = int(job.get("profile_steps") or 0)
+    if n <= 0 or not job["device"].startswith("cuda"):
+        return {}
+    try:
+        summary = profile_peer_passes(model, batches[:n], autocast, job["device"])
+    except Exception as e:  # noqa: BLE001 (reported, not raised)
+        return {"profile_error": f"{type(e).__name__}: {e}"[:500]}
+    return {"profile": summary}
+
+
+def profile_peer_passes(model, batches: list, autocast, device: str) -> dict:
+    """Forward + backward of each batch under torch.profiler: the device's kernels on a GPU (the
+    CPU's operators on the CPU), as torch_profile_summary, with the steps and tokens."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    sync()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for b in batches:
+            with autocast:
+                loss = model(input_ids=b["input_ids"], position_ids=b["position_ids"], labels=b["labels"],
+                             use_cache=False).loss
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        sync()
+    summary = torch_profile_summary(prof, device, time.perf_counter() - t0)
+    if cuda:
+        summary["device"] = f"{torch.cuda.get_device_name()} (torch.profiler)"
+    summary["steps"] = len(batches)
+    summary["tokens"] = int(sum(b["input_ids"].numel() for b in batches))
+    return summary
 
 
 def _ferrotune_core():

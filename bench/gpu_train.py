@@ -67,10 +67,13 @@ out of GPU memory is reported as such (not as a crash), and `--batch 2` or
 `--peer-gradient-checkpointing` (what an HF user would do) give the comparison that fits.
 
 Profile: after its timed fwd_bwd steps, ferrotune runs --profile-steps (default 2) more under its
-own GPU profiler (`_core._gpu_profile`: CUDA events around every launch, GEMM and copy) and the
-run prints where the device's time goes (bench/profile_table.py), per group (attention, GEMMs,
-cross-entropy, other kernels, copies) and per kernel / GEMM shape, with the device's busy share
-of the span (the rest is the GPU waiting for the host). The profile is in the JSON too.
+own GPU profiler (`_core._gpu_profile`: CUDA events around every launch, GEMM and copy), and the
+peer the same batches under torch.profiler (CUDA kernels only). The run prints where each one's
+device time goes (bench/profile_table.py), per group (attention, GEMMs, cross-entropy, other
+kernels, copies) and per kernel / GEMM shape, with the device's busy share of the span (the rest
+is the GPU waiting for the host), then the two side by side per group: where ferrotune loses or
+wins against the peer. The profiles are in the JSON too. The profiled steps come after the
+timed ones and do not change the timings; a profile that fails is reported beside them.
 
 Results: tables on stdout, bench/results/train_gpu.json (or --out; the --tiny / CPU smoke test
 writes train_gpu_smoke.json). Not yet timed on a GPU (none was lent when this was written): the
@@ -95,7 +98,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train_cpu as B  # noqa: E402
-from profile_table import profile_tables  # noqa: E402
+from profile_table import profile_tables, side_by_side  # noqa: E402
 
 ROOT = B.ROOT
 GPU_DEFAULTS = {"hidden": 3072, "layers": 32, "heads": 32, "intermediate": 8192, "vocab": 32064, "seq": 4096, "batch": 2,
@@ -213,11 +216,17 @@ def main() -> int:
               "GPU peak: device used memory (NVML/nvidia-smi) minus the baseline before the process; torch max allocated: peer only.")
     mfu_col = [("MFU %", lambda r: f"{100 * r['mfu']:.1f}" if r.get("mfu") is not None else "n/a")]
     B.print_report(runs, comps, header, gpu=cuda, extra_cols=mfu_col)
+    profs = {}
     for r in runs:
         prof = (r.get("result") or {}).get("profile")
         if prof:
-            print(f"\nWhere ferrotune's GPU time goes ({r['phase']}, its profiler):")
+            profs[r["tool"]] = prof
+            how = "its profiler" if r["tool"] == "ferrotune" else "torch.profiler"
+            print(f"\nWhere {r['tool']}'s GPU time goes ({r['phase']}, {how}):")
             print("\n".join(profile_tables(prof, prof.get("steps", 1))))
+    if len(profs) == 2:
+        print("\nGPU time per group, ferrotune against the peer (the same batches):")
+        print("\n".join(side_by_side(profs["ferrotune"], profs["peer"])))
     out = Path(args.out) if args.out else B.RESULTS / ("train_gpu.json" if cuda and not args.tiny else "train_gpu_smoke.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({

@@ -1,22 +1,62 @@
-"""Tables of a GPU profile from `ferrotune._core._gpu_profile` (see src/kernels/cuda/profile.rs):
-where the device's time goes, per group of calls and per call, per profiled step.
+"""Tables of a GPU profile from `ferrotune._core._gpu_profile` (see src/kernels/cuda/profile.rs),
+or of the peer's run under torch.profiler in the same shape (bench_train_cpu.torch_profile_summary):
+where the device's time goes, per group of calls and per call, per profiled step, and the two
+side by side per group.
 
 Used by bench/gpu_train.py (printed after its report) and scripts/gpu_check_report.py (the GPU
 check's markdown). Standard library only.
 """
 
-# (group, test on a row's name), first match wins
+# Kernel names, lower case, by group: ferrotune's own (attn_*, "gemm <shape>", ce_rows, the
+# profiler's copy rows) and what PyTorch runs on a GPU (flash / memory-efficient / cuDNN
+# attention; cuBLAS(Lt) kernels: nvjet_*, *gemm*, sm90_xmma_*, cutlass; log-softmax + NLL for
+# the loss; Memcpy / Memset rows).
+_ATTENTION = ("attn_", "flash", "fmha", "attention", "sdpa")
+_GEMM = ("gemm", "gemv", "nvjet", "xmma", "cublas", "cutlass")
+_LOSS = ("ce_rows", "softmax", "nll_loss", "cross_entropy")
+_COPIES = ("copy to", "copy on", "memset", "memcpy")
+
+# (group, test on a row's lower-case name), first match wins
 GROUPS = [
-    ("attention", lambda n: n.startswith("attn_")),
-    ("GEMMs (cuBLAS)", lambda n: n.startswith("gemm ")),
-    ("cross-entropy", lambda n: n.startswith("ce_")),
-    ("copies, memsets", lambda n: n.startswith(("copy to", "copy on", "memset"))),
+    ("attention", lambda n: any(k in n for k in _ATTENTION)),
+    ("GEMMs (cuBLAS)", lambda n: any(k in n for k in _GEMM)),
+    ("cross-entropy", lambda n: any(k in n for k in _LOSS)),
+    ("copies, memsets", lambda n: n.startswith(_COPIES)),
     ("other kernels", lambda n: True),
 ]
 
 
 def group_of(name: str) -> str:
-    return next(g for g, test in GROUPS if test(name))
+    low = name.lower()
+    return next(g for g, test in GROUPS if test(low))
+
+
+def group_seconds(prof: dict) -> dict[str, float]:
+    """Seconds per group over the whole profile."""
+    out: dict[str, float] = {}
+    for e in prof.get("entries") or []:
+        g = group_of(e["name"])
+        out[g] = out.get(g, 0.0) + e["seconds"]
+    return out
+
+
+def side_by_side(ours: dict, peer: dict) -> list[str]:
+    """Markdown: ms per step of each group for ferrotune and the peer (each over its own
+    profiled steps, the same batches), and their ratio; then the busy totals."""
+    def per_step(prof: dict) -> tuple[dict[str, float], float]:
+        steps = max(int(prof.get("steps") or 1), 1)
+        return ({g: 1e3 * s / steps for g, s in group_seconds(prof).items()},
+                1e3 * float(prof.get("busy_seconds") or 0.0) / steps)
+
+    (a, busy_a), (b, busy_b) = per_step(ours), per_step(peer)
+    ratio = lambda x, y: f"{x / y:.2f}" if x > 0 and y > 0 else ""  # noqa: E731
+    lines = ["| group | ferrotune ms/step | peer ms/step | ferrotune / peer |", "|---|---:|---:|---:|"]
+    for name, _ in GROUPS:
+        if name in a or name in b:
+            x, y = a.get(name, 0.0), b.get(name, 0.0)
+            lines.append(f"| {name} | {x:.2f} | {y:.2f} | {ratio(x, y)} |")
+    lines.append(f"| **busy** | {busy_a:.2f} | {busy_b:.2f} | {ratio(busy_a, busy_b)} |")
+    return lines
 
 
 def _tflops(flops: float, seconds: float) -> str:

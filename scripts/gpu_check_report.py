@@ -4,8 +4,9 @@
 
 Reads DIR/status.tsv (step, exit code, seconds), DIR/selfcheck_<precision>.json,
 DIR/pytest.xml (JUnit), OUT/train_gpu.json and OUT/generate_gpu.json when present; writes
-OUT/gpu_check.json and OUT/gpu_check.md, and prints the markdown (with ferrotune's GPU profile
-of the training benchmark, bench/profile_table.py, when train_gpu.json has one).
+OUT/gpu_check.json and OUT/gpu_check.md, and prints the markdown (with the GPU profiles of the
+training benchmark, ferrotune's and the peer's, side by side per group and each per kernel,
+bench/profile_table.py, when train_gpu.json has them).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from profile_table import profile_tables  # noqa: E402
+from profile_table import profile_tables, side_by_side  # noqa: E402
 
 
 def gpu_name() -> str:
@@ -66,6 +67,12 @@ def pytest_summary(path: Path) -> dict:
     return out
 
 
+def train_profile(train: dict, tool: str) -> dict | None:
+    """The GPU profile that `tool`'s training run brought back (fwd_bwd), if any."""
+    return next((p for p in ((r.get("result") or {}).get("profile") for r in train.get("runs", [])
+                             if r.get("tool") == tool) if p), None)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", required=True)
@@ -95,7 +102,7 @@ def main() -> int:
               "train": train and {"comparison": train.get("comparison"), "runs": [
                   {k: r.get(k) for k in ("tool", "phase", "mfu", "gpu_used_peak_minus_baseline_mib", "error", "oom")}
                   | {"tokens_per_second": (r.get("result") or {}).get("tokens_per_second")} for r in train.get("runs", [])],
-                  "profile": next((p for p in ((r.get("result") or {}).get("profile") for r in train.get("runs", [])) if p), None)},
+                  "profile": train_profile(train, "ferrotune"), "peer_profile": train_profile(train, "peer")},
               "generate": gen and gen.get("rows")}
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
 
@@ -124,10 +131,16 @@ def main() -> int:
             md.append(f"- {c.get('phase')}: speed ferrotune/peer {num(c.get('speed_ratio_ferrotune_over_peer'), '.2f')}x, "
                       f"GPU memory ferrotune/peer {num(c.get('gpu_mem_ratio_ferrotune_over_peer'), '.2f')}, "
                       f"max loss difference {num(c.get('loss_max_abs_diff'), '.3g')}")
-        prof = report["train"]["profile"]
+        prof, peer = report["train"]["profile"], report["train"]["peer_profile"]
+        if prof and peer:
+            md += ["", "## GPU time per group, ferrotune against the peer (fwd_bwd, the same batches)", ""]
+            md += side_by_side(prof, peer)
         if prof:
             md += ["", "## Where ferrotune's GPU time goes (its profiler, fwd_bwd)", ""]
             md += profile_tables(prof, prof.get("steps", 1))
+        if peer:
+            md += ["", "## Where the peer's GPU time goes (torch.profiler, fwd_bwd)", ""]
+            md += profile_tables(peer, peer.get("steps", 1))
     if gen:
         md += ["", "## Generation (bench/bench_generate.py)", "", "| B | tool | prefill tok/s | decode tok/s |", "|---:|---|---:|---:|"]
         md += [f"| {r.get('batch')} | {r.get('tool')} | {num(r.get('prefill_tokens_per_second'), ',.0f')} | "

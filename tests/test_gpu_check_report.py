@@ -9,13 +9,9 @@ out of memory, on a CPU, or crashed).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 from ferrotune import _core
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.gpu_report import run_report
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
 <testcase classname="tests.test_gpu" name="test_layer_matches_cpu"/>
@@ -50,24 +46,13 @@ def selfcheck_json() -> str:
 
 
 def test_the_report_sums_up_failed_timed_out_and_partial_steps(tmp_path):
-    work, out = tmp_path / "work", tmp_path / "out"
-    work.mkdir()
-    out.mkdir()
-    (work / "status.tsv").write_text("env\t0\t3\nselfcheck-bf16\t0\t41\nselfcheck-fp16\t1\t12\npytest\t1\t200\ntrain\t124\t330\n"
-                                     "generate\t-\t0\n")
-    (work / "selfcheck_bf16.json").write_text(selfcheck_json())
     bad = {"name": "attention/backward 32x96", "dtype": "f16", "error": float("nan"), "tolerance": 0.08,
            "shapes": "segments [4096]", "passed": False, "failure": "NaN in dq"}
-    (work / "selfcheck_fp16.json").write_text(json.dumps([bad]))
-    (work / "pytest.xml").write_text(JUNIT)
-    (out / "train_gpu.json").write_text(json.dumps(TRAIN))
-    (out / "generate_gpu.json").write_text(json.dumps(GENERATE))
-
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check_report.py"), "--work", str(work), "--out", str(out),
-                        "--wheel", "dist-cuda/ferrotune-0.1.0+cu12-cp310-abi3-manylinux_2_28_x86_64.whl", "--seconds", "586"],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    md = (out / "gpu_check.md").read_text()
+    md, report, r = run_report(
+        tmp_path, "env\t0\t3\nselfcheck-bf16\t0\t41\nselfcheck-fp16\t1\t12\npytest\t1\t200\ntrain\t124\t330\ngenerate\t-\t0\n",
+        work_files={"selfcheck_bf16.json": selfcheck_json(), "selfcheck_fp16.json": json.dumps([bad]), "pytest.xml": JUNIT},
+        train=TRAIN, generate=GENERATE, wheel="dist-cuda/ferrotune-0.1.0+cu12-cp310-abi3-manylinux_2_28_x86_64.whl",
+        seconds=586)
     assert r.stdout.strip() == md.strip()
     assert "wheel `ferrotune-0.1.0+cu12-cp310-abi3-manylinux_2_28_x86_64.whl`, 586 s in all" in md
     assert "| selfcheck-fp16 | failed (exit 1) | 12 |" in md and "| train | timed out (exit 124) | 330 |" in md
@@ -84,7 +69,6 @@ def test_the_report_sums_up_failed_timed_out_and_partial_steps(tmp_path):
     assert "- fwd_bwd: speed ferrotune/peer –x, GPU memory ferrotune/peer –, max loss difference –" in md
     assert "| 1 | peer | 20,123 | 41.2 |" in md and "| 8 | ferrotune | – | – |" in md
 
-    report = json.loads((out / "gpu_check.json").read_text())
     assert [s["result"] for s in report["steps"]] == ["ok", "ok", "failed", "failed", "timed out", "skipped (no time left)"]
     assert report["pytest"]["failed"] == 1 and report["selfcheck"]["fp16"][0]["failure"] == "NaN in dq"
     assert report["train"]["runs"][1]["tokens_per_second"] == 18400.2
@@ -92,13 +76,6 @@ def test_the_report_sums_up_failed_timed_out_and_partial_steps(tmp_path):
 
 def test_the_report_of_a_run_that_stopped_early_still_writes_its_summary(tmp_path):
     # the machine went away after the first step: no self-check, no tests, no benches
-    work, out = tmp_path / "work", tmp_path / "out"
-    work.mkdir()
-    out.mkdir()
-    (work / "status.tsv").write_text("env\t0\t2\n")
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check_report.py"), "--work", str(work), "--out", str(out),
-                        "--wheel", "w.whl"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    md = (out / "gpu_check.md").read_text()
+    md, report, _ = run_report(tmp_path, "env\t0\t2\n")
     assert "| env | ok (exit 0) | 2 |" in md and "Self-check" not in md and "Training" not in md
-    assert json.loads((out / "gpu_check.json").read_text())["train"] is None
+    assert report["train"] is None

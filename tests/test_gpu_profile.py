@@ -13,7 +13,6 @@ right. One training micro-batch (forward + backward, no recompute) of a small ra
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pytest
 
 from ferrotune import Generator, LoraModel, _core
 from tests.support import tiny_phi3 as tp
+from tests.support.gpu_report import run_report
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -102,20 +102,11 @@ def test_the_tables_group_and_rank_the_calls(profile):
 
 
 def test_the_gpu_check_report_shows_the_profile_of_the_training_benchmark(profile, tmp_path):
-    work, out = tmp_path / "work", tmp_path / "out"
-    work.mkdir()
-    out.mkdir()
-    (work / "status.tsv").write_text("train\t0\t200\n")
     train = {"runs": [{"tool": "ferrotune", "phase": "fwd_bwd", "result": {"tokens_per_second": 123.0, "profile": profile}}],
              "comparison": []}
-    (out / "train_gpu.json").write_text(json.dumps(train))
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check_report.py"), "--work", str(work), "--out", str(out),
-                        "--wheel", "w.whl"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    md = (out / "gpu_check.md").read_text()
+    md, report, _ = run_report(tmp_path, "train\t0\t200\n", train=train)
     assert "## Where ferrotune's GPU time goes (its profiler, fwd_bwd)" in md
     assert "\n".join(profile_tables(profile, 1)) in md
-    report = json.loads((out / "gpu_check.json").read_text())
     assert report["train"]["profile"]["calls"] == profile["calls"]
 
 

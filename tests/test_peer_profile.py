@@ -8,12 +8,12 @@ and the GPU check's report.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.support.gpu_report import run_report
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -127,21 +127,12 @@ def test_the_side_by_side_table_compares_ms_per_step_per_group():
 
 
 def test_the_gpu_check_report_shows_both_profiles_side_by_side(tmp_path):
-    work, out = tmp_path / "work", tmp_path / "out"
-    work.mkdir()
-    out.mkdir()
-    (work / "status.tsv").write_text("train\t0\t200\n")
     train = {"runs": [{"tool": "peer", "phase": "fwd_bwd", "result": {"tokens_per_second": 100.0, "profile": PEER}},
                       {"tool": "ferrotune", "phase": "fwd_bwd", "result": {"tokens_per_second": 123.0, "profile": OURS}}],
              "comparison": []}
-    (out / "train_gpu.json").write_text(json.dumps(train))
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check_report.py"), "--work", str(work), "--out", str(out),
-                        "--wheel", "w.whl"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    md = (out / "gpu_check.md").read_text()
+    md, report, _ = run_report(tmp_path, "train\t0\t200\n", train=train)
     assert "## GPU time per group, ferrotune against the peer (fwd_bwd, the same batches)\n\n" + "\n".join(
         side_by_side(OURS, PEER)) in md
     assert "\n".join(profile_tables(OURS, 2)) in md and "\n".join(profile_tables(PEER, 2)) in md
     assert md.index("Where ferrotune's GPU time goes") < md.index("Where the peer's GPU time goes")
-    report = json.loads((out / "gpu_check.json").read_text())
     assert report["train"]["profile"] == OURS and report["train"]["peer_profile"] == PEER

@@ -24,6 +24,10 @@ peer: `AutoModelForCausalLM.from_pretrained(folder, dtype, attn_implementation="
 `model.generate(input_ids (B, prompt), attention_mask=ones, do_sample=False, ...)` (prompts
 of equal length: no padding), under `torch.inference_mode()`.
 
+Profile (GPU): after the timings, ferrotune generates the largest batch once more under its own
+profiler, once for 1 token and once for `--new`; the difference is the decoding steps: launches
+and device time per kernel per step, and the GPU's busy share (`--no-profile` skips it).
+
 Threads: OMP/MKL/RAYON_NUM_THREADS = --threads and torch.set_num_threads(--threads).
 Memory: each process's own peak RSS (the launcher of bench_train_cpu.py).
 Output: a table and bench/results/generate_<device>.json.
@@ -41,6 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train_cpu as btc  # noqa: E402  (model worker, measured subprocesses, thread env)
+from profile_table import profile_tables, subtract_profiles  # noqa: E402
 
 ROOT = btc.ROOT
 EOS = btc.GENERATION_CONFIG["eos_token_id"]
@@ -96,7 +101,39 @@ def worker_ferrotune(job: dict) -> None:
     def run_once(prompts, new):
         return [ids for ids, _ in gen.generate_ids(prompts, max_new_tokens=new)]
 
-    btc._emit({"load_s": load_s, "batches": _measure(run_once, job)})
+    batches = _measure(run_once, job)
+    btc._emit({"load_s": load_s, "batches": batches, **profile_decoding(gen, job)})
+
+
+def profile_decoding(gen, job: dict) -> dict:
+    """On a GPU, ferrotune's own profiler over the decoding steps of the largest batch: a
+    generation of `new` tokens less one of a single token (the prompts' forward), per
+    decoding step — launches, device time per kernel, and how busy the GPU is (a low share
+    means decoding waits for the host). {"decode_profile": ...}, {} on the CPU or with
+    job["profile"] false, {"decode_profile_error": ...} when it fails."""
+    if not job.get("profile") or job["device"] == "cpu" or job["new"] < 2:
+        return {}
+    from ferrotune import _core
+
+    b = max(job["batch_sizes"])
+    prompts = job["prompts"][:b]
+
+    def profiled(new: int) -> tuple[dict, int]:
+        _core._gpu_profile("start")
+        try:
+            out = gen.generate_ids(prompts, max_new_tokens=new)
+        finally:
+            prof = json.loads(_core._gpu_profile("stop"))
+        return prof, sum(len(ids) for ids, _ in out)
+
+    try:
+        first, _ = profiled(1)
+        whole, generated = profiled(job["new"])
+    except Exception as e:  # noqa: BLE001 (reported beside the timings)
+        return {"decode_profile_error": f"{type(e).__name__}: {e}"[:500]}
+    d = subtract_profiles(whole, first)
+    d.update(steps=job["new"] - 1, batch=b, decoded_tokens=generated - b)
+    return {"decode_profile": d}
 
 
 def worker_peer(job: dict) -> None:
@@ -143,6 +180,8 @@ def main() -> int:
     ap.add_argument("--contenders", default="peer,ferrotune")
     ap.add_argument("--model-dir", default=None, help="keep/reuse the random model here")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no-profile", action="store_true",
+                    help="on a GPU, skip profiling ferrotune's decoding steps after the timings")
     args = ap.parse_args()
     if args._worker:
         job = json.loads(Path(args._job).read_text())
@@ -165,7 +204,7 @@ def main() -> int:
         marker.write_text(json.dumps(spec))
     job = {"model_dir": str(model_dir), "prompts": make_prompts(max(batch_sizes), args.prompt, args.vocab, args.seed + 1),
            "batch_sizes": batch_sizes, "new": args.new, "repeats": args.repeats, "threads": args.threads,
-           "device": args.device, "dtype": args.dtype,
+           "device": args.device, "dtype": args.dtype, "profile": not args.no_profile,
            "precision": "32" if args.dtype == "float32" else "bf16"}
     runs = {}
     for name in args.contenders.split(","):
@@ -199,8 +238,15 @@ def main() -> int:
                   f"{runs['ferrotune']['peak_rss_mib'] / runs['peer']['peak_rss_mib']:>12.2f}x")
     out = Path(args.out) if args.out else btc.RESULTS / f"generate_{args.device.split(':')[0]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    profile = {k: v for k, v in runs.get("ferrotune", {}).get("result", {}).items() if k.startswith("decode_profile")}
+    if "decode_profile" in profile:
+        d = profile["decode_profile"]
+        print(f"\nWhere ferrotune's decoding time goes (B={d['batch']}, per decoding step, its profiler):")
+        print("\n".join(profile_tables(d, d["steps"])))
+    elif profile:
+        print(f"\nferrotune's decoding profile failed: {profile['decode_profile_error']}")
     out.write_text(json.dumps({"args": vars(args), "machine": platform.platform(), "rows": rows,
-                               "load_s": {k: v["result"]["load_s"] for k, v in runs.items()}}, indent=2))
+                               "load_s": {k: v["result"]["load_s"] for k, v in runs.items()}, **profile}, indent=2))
     print(f"\nresults: {out}")
     return 0
 

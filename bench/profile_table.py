@@ -40,6 +40,27 @@ def group_seconds(prof: dict) -> dict[str, float]:
     return out
 
 
+def subtract_profiles(whole: dict, part: dict) -> dict:
+    """The profile of what `whole` ran beyond `part` (e.g. a generation of N tokens less its
+    first token: the decoding steps), row by row by name; rows that `part` alone has, or that
+    cancel out, are left out."""
+    left = {e["name"]: e for e in part.get("entries") or []}
+    entries = []
+    for e in whole.get("entries") or []:
+        p = left.get(e["name"], {})
+        row = {"name": e["name"], "calls": e["calls"] - p.get("calls", 0),
+               "seconds": max(e["seconds"] - p.get("seconds", 0.0), 0.0),
+               "flops": (e.get("flops") or 0) - (p.get("flops") or 0)}
+        if row["calls"] > 0:
+            entries.append(row)
+    entries.sort(key=lambda e: -e["seconds"])
+    diff = lambda k: max(float(whole.get(k) or 0.0) - float(part.get(k) or 0.0), 0.0)  # noqa: E731
+    return {"device": whole.get("device"), "host_seconds": diff("host_seconds"),
+            "device_span_seconds": diff("device_span_seconds"),
+            "busy_seconds": sum(e["seconds"] for e in entries), "calls": sum(e["calls"] for e in entries),
+            "entries": entries}
+
+
 def side_by_side(ours: dict, peer: dict) -> list[str]:
     """Markdown: ms per step of each group for ferrotune and the peer (each over its own
     profiled steps, the same batches), and their ratio; then the busy totals."""

@@ -103,7 +103,8 @@ def main() -> int:
                   {k: r.get(k) for k in ("tool", "phase", "mfu", "gpu_used_peak_minus_baseline_mib", "error", "oom")}
                   | {"tokens_per_second": (r.get("result") or {}).get("tokens_per_second")} for r in train.get("runs", [])],
                   "profile": train_profile(train, "ferrotune"), "peer_profile": train_profile(train, "peer")},
-              "generate": gen and gen.get("rows")}
+              "generate": gen and gen.get("rows"),
+              "decode_profile": gen and (gen.get("decode_profile") or gen.get("decode_profile_error"))}
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
 
     md = [f"# GPU check: {report['gpu']}", "", f"wheel `{report['wheel']}`, {a.seconds} s in all", "",
@@ -145,6 +146,12 @@ def main() -> int:
         md += ["", "## Generation (bench/bench_generate.py)", "", "| B | tool | prefill tok/s | decode tok/s |", "|---:|---|---:|---:|"]
         md += [f"| {r.get('batch')} | {r.get('tool')} | {num(r.get('prefill_tokens_per_second'), ',.0f')} | "
                f"{num(r.get('decode_tokens_per_second'), ',.1f')} |" for r in gen.get("rows", [])]
+        d = gen.get("decode_profile")
+        if d:
+            md += ["", f"## Where ferrotune's decoding time goes (its profiler, B={d.get('batch')}, per decoding step)", ""]
+            md += profile_tables(d, d.get("steps", 1))
+        elif gen.get("decode_profile_error"):
+            md += ["", f"ferrotune's decoding profile failed: {gen['decode_profile_error']}"]
     text = "\n".join(md) + "\n"
     (out / "gpu_check.md").write_text(text)
     print(text)

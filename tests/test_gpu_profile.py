@@ -25,6 +25,7 @@ from tests.support.gpu_report import run_report
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
+import bench_generate  # noqa: E402
 import bench_train_cpu  # noqa: E402
 from profile_table import group_of, profile_tables  # noqa: E402
 
@@ -161,3 +162,24 @@ def test_a_decoding_step_launches_the_same_kernels_whatever_the_batch(tmp_path):
     one, five = launches(1), launches(5)
     assert one == five
     assert one["gemm"] >= 6 * (4 * LAYERS + 1) and one["kv_append_bf16"] == 6 * LAYERS
+
+
+def test_the_generation_benchmark_profiles_the_decoding_steps_alone(tmp_path):
+    # bench_generate.profile_decoding, as its ferrotune worker runs it on a GPU after the timings:
+    # a generation of `new` tokens less one of a single token is `new - 1` decoding steps
+    d = tp.make_tiny_phi3(tmp_path / "m", hidden=H, layers=LAYERS, heads=HEADS, intermediate=I, seed=6)
+    g = Generator.load(str(d), device="emu", precision="bf16")
+    job = {"profile": True, "device": "emu", "new": 5, "batch_sizes": [1, 3],
+           "prompts": [[1, 5, 6, 7], [1, 8, 9, 10], [1, 11, 12, 13]]}
+    prof = bench_generate.profile_decoding(g, job)["decode_profile"]
+    assert prof["steps"] == 4 and prof["batch"] == 3 and 0 < prof["decoded_tokens"] <= 12
+    per_step = {e["name"]: e["calls"] / 4 for e in prof["entries"]}
+    assert per_step["kv_append_bf16"] == per_step["attn_fwd_bf16"] == LAYERS, per_step
+    assert per_step["rms_norm_fwd_bf16"] == 2 * LAYERS + 1  # two per layer and the final norm
+    assert not [n for n in per_step if n.startswith("attn_bwd")]  # nothing of training
+    lines = profile_tables(prof, prof["steps"])
+    assert f"| `kv_append_bf16` | {LAYERS:g} |" in "\n".join(lines)
+    assert bench_generate.profile_decoding(g, {**job, "device": "cpu"}) == {}
+    assert bench_generate.profile_decoding(g, {**job, "profile": False}) == {}
+    bad = bench_generate.profile_decoding(g, {**job, "prompts": [[1, 99999]] * 3})
+    assert list(bad) == ["decode_profile_error"] and "InvalidArgumentError" in bad["decode_profile_error"], bad

@@ -18,7 +18,7 @@ from tests.support.gpu_report import run_report
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import bench_train_cpu  # noqa: E402
-from profile_table import group_of, profile_tables, side_by_side  # noqa: E402
+from profile_table import group_of, profile_tables, side_by_side, subtract_profiles  # noqa: E402
 
 
 def test_a_torch_profile_has_the_shape_of_ferrotunes_own():
@@ -136,3 +136,28 @@ def test_the_gpu_check_report_shows_both_profiles_side_by_side(tmp_path):
     assert "\n".join(profile_tables(OURS, 2)) in md and "\n".join(profile_tables(PEER, 2)) in md
     assert md.index("Where ferrotune's GPU time goes") < md.index("Where the peer's GPU time goes")
     assert report["train"]["profile"] == OURS and report["train"]["peer_profile"] == PEER
+
+
+def test_a_profile_less_another_keeps_what_only_the_first_ran():
+    whole = profile(1, [("attn_fwd_bf16", 40, 0.050), ("kv_append_bf16", 40, 0.004), ("gemm TN 3x4x5 bf16", 9, 0.020)])
+    first = profile(1, [("attn_fwd_bf16", 4, 0.030), ("gemm TN 3x4x5 bf16", 9, 0.020), ("rope_bf16", 4, 0.001)])
+    d = subtract_profiles(whole, first)
+    assert [(e["name"], e["calls"]) for e in d["entries"]] == [("attn_fwd_bf16", 36), ("kv_append_bf16", 40)]
+    assert d["entries"][0]["seconds"] == pytest.approx(0.020)
+    assert d["busy_seconds"] == pytest.approx(0.024) and d["calls"] == 76
+    assert d["device_span_seconds"] == pytest.approx(1.1 * (0.074 - 0.051))
+    assert d["host_seconds"] == pytest.approx(1.2 * (0.074 - 0.051))
+
+
+def test_the_gpu_check_report_shows_the_decoding_profile(tmp_path):
+    dec = {**profile(63, [("attn_fwd_bf16", 63 * 32, 0.3), ("kv_append_bf16", 63 * 32, 0.01)]), "batch": 8}
+    gen = {"rows": [{"batch": 8, "tool": "ferrotune", "prefill_tokens_per_second": 30555.0,
+                     "decode_tokens_per_second": 900.0}], "decode_profile": dec}
+    md, report, _ = run_report(tmp_path, "generate\t0\t100\n", generate=gen)
+    assert "## Where ferrotune's decoding time goes (its profiler, B=8, per decoding step)\n\n" + "\n".join(
+        profile_tables(dec, 63)) in md
+    assert report["decode_profile"]["batch"] == 8
+    md2, report2, _ = run_report(tmp_path / "failed", "generate\t0\t100\n",
+                                 generate={"rows": [], "decode_profile_error": "ComputeError: boom"})
+    assert "ferrotune's decoding profile failed: ComputeError: boom" in md2
+    assert report2["decode_profile"] == "ComputeError: boom"

@@ -17,8 +17,8 @@ def run_report(tmp_path: Path, status: str, *, work_files: dict[str, str] | None
     """(gpu_check.md, gpu_check.json, the process) of a report over these outputs; fails the
     test when the script does not exit 0."""
     work, out = tmp_path / "work", tmp_path / "out"
-    work.mkdir()
-    out.mkdir()
+    work.mkdir(parents=True)
+    out.mkdir(parents=True)
     (work / "status.tsv").write_text(status)
     for name, text in (work_files or {}).items():
         (work / name).write_text(text)

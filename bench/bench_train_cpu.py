@@ -891,7 +891,10 @@ def run_job(worker: str, job: dict, work: Path, env: dict, gpu_index: int | None
 
 
 def run_contenders(args, prep: dict, work: Path, *, device: str, dtype: str, precision: str, autocast: bool,
-                   env_peer: dict, env_ferro: dict, gpu_index: int | None = None) -> list[dict]:
+                   env_peer: dict, env_ferro: dict, gpu_index: int | None = None, on_run=None) -> list[dict]:
+    """Each phase's contenders in turn, each in its own process; `on_run(runs)` (if given) after
+    every one, with the runs so far (bench/gpu_train.py saves them: a time limit that stops the
+    benchmark then still leaves the finished runs)."""
     runs = []
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
@@ -912,30 +915,34 @@ def run_contenders(args, prep: dict, work: Path, *, device: str, dtype: str, pre
                    "max_grad_norm": args.max_grad_norm, "gradient_checkpointing": args.gradient_checkpointing,
                    "peer_gradient_checkpointing": args.peer_gradient_checkpointing,
                    "profile_steps": getattr(args, "profile_steps", 0), "seed": args.seed}
-            label = f"{tool:9} {phase:7}"
-            print(f"{label} ...", end=" ", flush=True)
-            try:
-                m = run_job(tool, job, work, env_peer if tool == "peer" else env_ferro, gpu_index)
-            except RuntimeError as e:
-                print("FAILED")
-                print(str(e)[-3000:], file=sys.stderr)
-                runs.append({"tool": tool, "phase": phase, "error": str(e)[-3000:]})
-                continue
-            shutil.rmtree(work / f"ferrotune-out-{phase}", ignore_errors=True)
-            r = m["result"]
-            if "skipped" in r or "oom" in r:
-                why = r.get("skipped") or r["oom"]
-                print(f"{'skipped' if 'skipped' in r else 'OUT OF MEMORY'} ({why})")
-                runs.append({"tool": tool, "phase": phase, **({"skipped": why} if "skipped" in r else {"oom": why}), **m})
-                continue
-            extra = ""
-            if "gpu_used_peak_minus_baseline_mib" in m:
-                extra = f"  GPU {m['gpu_used_peak_minus_baseline_mib']:.0f} MiB (nvidia-smi)"
-            tps = r.get("tokens_per_second")
-            print(f"{tps or 0:10,.0f} tokens/s  {r.get('s_per_step') or 0:7.3f} s/step  RSS {m['peak_rss_mib']:6.0f} MiB"
-                  f"  loss[0] {r['losses'][0] if r.get('losses') else float('nan'):.6f}{extra}", flush=True)
-            runs.append({"tool": tool, "phase": phase, **m})
+            runs.append(_run_one(tool, phase, job, work, env_peer if tool == "peer" else env_ferro, gpu_index))
+            if on_run is not None:
+                on_run(runs)
     return runs
+
+
+def _run_one(tool: str, phase: str, job: dict, work: Path, env: dict, gpu_index: int | None) -> dict:
+    """One contender's phase in its own process, with a line of progress: the run's record."""
+    print(f"{tool:9} {phase:7} ...", end=" ", flush=True)
+    try:
+        m = run_job(tool, job, work, env, gpu_index)
+    except RuntimeError as e:
+        print("FAILED")
+        print(str(e)[-3000:], file=sys.stderr)
+        return {"tool": tool, "phase": phase, "error": str(e)[-3000:]}
+    shutil.rmtree(work / f"ferrotune-out-{phase}", ignore_errors=True)
+    r = m["result"]
+    if "skipped" in r or "oom" in r:
+        why = r.get("skipped") or r["oom"]
+        print(f"{'skipped' if 'skipped' in r else 'OUT OF MEMORY'} ({why})")
+        return {"tool": tool, "phase": phase, **({"skipped": why} if "skipped" in r else {"oom": why}), **m}
+    extra = ""
+    if "gpu_used_peak_minus_baseline_mib" in m:
+        extra = f"  GPU {m['gpu_used_peak_minus_baseline_mib']:.0f} MiB (nvidia-smi)"
+    tps = r.get("tokens_per_second")
+    print(f"{tps or 0:10,.0f} tokens/s  {r.get('s_per_step') or 0:7.3f} s/step  RSS {m['peak_rss_mib']:6.0f} MiB"
+          f"  loss[0] {r['losses'][0] if r.get('losses') else float('nan'):.6f}{extra}", flush=True)
+    return {"tool": tool, "phase": phase, **m}
 
 
 def compare(runs: list[dict]) -> list[dict]:

@@ -186,26 +186,43 @@ def main() -> int:
           f"{args.heads} heads, intermediate {args.intermediate}, vocab {args.vocab}; {args.batch} rows x {args.seq} tokens per step; "
           f"LoRA r {args.lora_r} alpha {args.lora_alpha:g}; {args.warmup} warm-up + {args.steps} timed steps; "
           f"{args.threads} CPU threads", flush=True)
+    out = Path(args.out) if args.out else B.RESULTS / ("train_gpu.json" if cuda and not args.tiny else "train_gpu_smoke.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     try:
         prep = B.prepare(args, work, dtype, args.device, env)
+        fb = flops_breakdown(prep["config"], args.lora_r, targets)
+        timed_rows = prep["segments"][args.warmup * args.batch:(args.warmup + args.steps) * args.batch]
+        timed_tokens = sum(sum(s) for s in timed_rows)
+        flops_timed = step_flops(fb, timed_rows)
+        flops_per_token = flops_timed / timed_tokens
+        peak = args.peak_tflops * 1e12
+
+        def save(runs: list[dict], partial: bool) -> list[dict]:
+            """MFU per run, the comparison, and the JSON (after every run, marked partial until
+            the last: a time limit that stops the benchmark still leaves the finished runs)."""
+            for r in runs:
+                tps = (r.get("result") or {}).get("tokens_per_second")
+                if tps:
+                    r["mfu"] = tps * flops_per_token / peak
+                    r["model_tflops_per_s"] = tps * flops_per_token / 1e12
+            comps = B.compare(runs)
+            out.write_text(json.dumps({
+                "timestamp": time.strftime("%Y%m%d-%H%M%S"), "args": vars(args), "device": card, "dtype": dtype,
+                "cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                "model_config": prep["config"], "flops": {**fb, "timed_tokens": timed_tokens, "timed_model_flops": flops_timed,
+                                                          "model_flops_per_token": flops_per_token, "peak_flops": peak},
+                "data": {"rows": prep["rows"], "segments": prep["segments"], "trained_fraction": prep["trained_fraction"]},
+                "model_made": prep["model_made"], "runs": runs, "comparison": comps, "partial": partial,
+            }, indent=2, default=str))
+            return comps
+
         runs = B.run_contenders(args, prep, work, device=args.device, dtype=dtype, precision=precision,
-                                autocast=not args.no_autocast, env_peer=env, env_ferro=env_ferro, gpu_index=gpu_index)
+                                autocast=not args.no_autocast, env_peer=env, env_ferro=env_ferro, gpu_index=gpu_index,
+                                on_run=lambda rs: save(rs, partial=True))
+        comps = save(runs, partial=False)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    fb = flops_breakdown(prep["config"], args.lora_r, targets)
-    timed_rows = prep["segments"][args.warmup * args.batch:(args.warmup + args.steps) * args.batch]
-    timed_tokens = sum(sum(s) for s in timed_rows)
-    flops_timed = step_flops(fb, timed_rows)
-    flops_per_token = flops_timed / timed_tokens
-    peak = args.peak_tflops * 1e12
-    for r in runs:
-        res = r.get("result") or {}
-        tps = res.get("tokens_per_second")
-        if tps:
-            r["mfu"] = tps * flops_per_token / peak
-            r["model_tflops_per_s"] = tps * flops_per_token / 1e12
-    comps = B.compare(runs)
     header = (f"LoRA training on {args.device}{f' ({card})' if card else ''}, {dtype}, Phi-3 h{args.hidden} L{args.layers} heads {args.heads} "
               f"I{args.intermediate} V{args.vocab}, {args.batch}x{args.seq} tokens/step, LoRA r {args.lora_r} alpha {args.lora_alpha:g}"
               f"{', gradient checkpointing' if args.gradient_checkpointing else ''}"
@@ -227,16 +244,6 @@ def main() -> int:
     if len(profs) == 2:
         print("\nGPU time per group, ferrotune against the peer (the same batches):")
         print("\n".join(side_by_side(profs["ferrotune"], profs["peer"])))
-    out = Path(args.out) if args.out else B.RESULTS / ("train_gpu.json" if cuda and not args.tiny else "train_gpu_smoke.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "timestamp": time.strftime("%Y%m%d-%H%M%S"), "args": vars(args), "device": card, "dtype": dtype,
-        "cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-        "model_config": prep["config"], "flops": {**fb, "timed_tokens": timed_tokens, "timed_model_flops": flops_timed,
-                                                  "model_flops_per_token": flops_per_token, "peak_flops": peak},
-        "data": {"rows": prep["rows"], "segments": prep["segments"], "trained_fraction": prep["trained_fraction"]},
-        "model_made": prep["model_made"], "runs": runs, "comparison": comps,
-    }, indent=2, default=str))
     print(f"\nresults: {out}")
     return 0 if not any("error" in r for r in runs) else 1
 

@@ -122,7 +122,10 @@ def main() -> int:
         md += ["", f"## pytest -m gpu: {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped"]
         md += [f"- {f['test']}: {f['message']}" for f in tests["failures"]]
     if train:
-        md += ["", "## Training (bench/gpu_train.py)", "", "| tool | phase | tokens/s | MFU % | GPU peak MiB |", "|---|---|---:|---:|---:|"]
+        md += ["", "## Training (bench/gpu_train.py)", ""]
+        if train.get("partial"):
+            md += ["The benchmark stopped before its last run (the step's time limit): the runs that finished.", ""]
+        md += ["| tool | phase | tokens/s | MFU % | GPU peak MiB |", "|---|---|---:|---:|---:|"]
         for r in report["train"]["runs"]:
             mfu = r.get("mfu")
             md.append(f"| {r['tool']} | {r['phase']} | {num(r.get('tokens_per_second'), ',.0f')} | "

@@ -79,3 +79,13 @@ def test_the_report_of_a_run_that_stopped_early_still_writes_its_summary(tmp_pat
     md, report, _ = run_report(tmp_path, "env\t0\t2\n")
     assert "| env | ok (exit 0) | 2 |" in md and "Self-check" not in md and "Training" not in md
     assert report["train"] is None
+
+
+def test_the_report_says_when_the_training_benchmark_was_stopped_mid_way(tmp_path):
+    # gpu_train.py saves its JSON after every run, marked partial until the last one
+    partial = {**TRAIN, "runs": TRAIN["runs"][:1], "partial": True}
+    md, _, _ = run_report(tmp_path, "train\t124\t300\n", train=partial)
+    assert "The benchmark stopped before its last run (the step's time limit): the runs that finished." in md
+    assert "| peer | step | 9,100 | 21.0 | 61,000 |" in md
+    md, _, _ = run_report(tmp_path / "whole", "train\t0\t200\n", train={**TRAIN, "partial": False})
+    assert "stopped before its last run" not in md

@@ -45,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train_cpu as btc  # noqa: E402  (model worker, measured subprocesses, thread env)
-from profile_table import profile_tables, subtract_profiles  # noqa: E402
+from profile_table import profile_tables, run_profiled, subtract_profiles  # noqa: E402
 
 ROOT = btc.ROOT
 EOS = btc.GENERATION_CONFIG["eos_token_id"]
@@ -118,21 +118,16 @@ def profile_decoding(gen, job: dict) -> dict:
     b = max(job["batch_sizes"])
     prompts = job["prompts"][:b]
 
-    def profiled(new: int) -> tuple[dict, int]:
-        _core._gpu_profile("start")
-        try:
-            out = gen.generate_ids(prompts, max_new_tokens=new)
-        finally:
-            prof = json.loads(_core._gpu_profile("stop"))
-        return prof, sum(len(ids) for ids, _ in out)
+    def generated(new: int) -> int:
+        return sum(len(ids) for ids, _ in gen.generate_ids(prompts, max_new_tokens=new))
 
     try:
-        first, _ = profiled(1)
-        whole, generated = profiled(job["new"])
+        first, _ = run_profiled(_core, lambda: generated(1))
+        whole, n = run_profiled(_core, lambda: generated(job["new"]))
     except Exception as e:  # noqa: BLE001 (reported beside the timings)
         return {"decode_profile_error": f"{type(e).__name__}: {e}"[:500]}
     d = subtract_profiles(whole, first)
-    d.update(steps=job["new"] - 1, batch=b, decoded_tokens=generated - b)
+    d.update(steps=job["new"] - 1, batch=b, decoded_tokens=n - b)
     return {"decode_profile": d}
 
 

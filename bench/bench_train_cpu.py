@@ -89,6 +89,9 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profile_table import profile_of, run_profiled  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 RESULT_TAG = "BENCH_RESULT="
@@ -528,12 +531,9 @@ def torch_profile_summary(prof, device: str, host_seconds: float) -> dict:
 
     entries = [{"name": e.key, "calls": int(e.count), "seconds": self_us(e) / 1e6, "flops": 0}
                for e in prof.key_averages() if e.device_type == kind and self_us(e) > 0]
-    entries.sort(key=lambda e: -e["seconds"])
     ranges = [(ev.time_range.start, ev.time_range.end) for ev in prof.events() if ev.device_type == kind]
     span = (max(b for _, b in ranges) - min(a for a, _ in ranges)) / 1e6 if ranges else 0.0
-    return {"device": device, "host_seconds": host_seconds, "device_span_seconds": span,
-            "busy_seconds": sum(e["seconds"] for e in entries), "calls": sum(e["calls"] for e in entries),
-            "entries": entries}
+    return profile_of(entries, device, host_seconds, span)
 
 
 def _profile_peer(job: dict, model, batches: list, autocast) -> dict:
@@ -596,13 +596,12 @@ def _profile_ferrotune(job: dict, _core, m, flat: list) -> dict:
     if n <= 0 or job["device"] == "cpu" or not hasattr(_core, "_gpu_profile"):
         return {}
     batches = flat[job["warmup"]:job["warmup"] + n] or flat[:n]
+    def run():
+        for ids, labels, seqs in batches:
+            m.loss_and_grads(ids, labels, seqs, recompute=bool(job.get("gradient_checkpointing")))
+
     try:  # a failure here must not cost the timed result
-        _core._gpu_profile("start")
-        try:
-            for ids, labels, seqs in batches:
-                m.loss_and_grads(ids, labels, seqs, recompute=bool(job.get("gradient_checkpointing")))
-        finally:
-            prof = json.loads(_core._gpu_profile("stop"))
+        prof, _ = run_profiled(_core, run)
     except Exception as e:  # noqa: BLE001 (reported, not raised)
         return {"profile_error": f"{type(e).__name__}: {e}"[:500]}
     prof["steps"] = len(batches)

@@ -4,8 +4,11 @@ where the device's time goes, per group of calls and per call, per profiled step
 side by side per group.
 
 Used by bench/gpu_train.py (printed after its report) and scripts/gpu_check_report.py (the GPU
-check's markdown). Standard library only.
+check's markdown), bench_train_cpu.py and bench_generate.py (which make the profiles). Standard
+library only.
 """
+
+import json
 
 # Kernel names, lower case, by group: ferrotune's own (attn_*, "gemm <shape>", ce_rows, the
 # profiler's copy rows) and what PyTorch runs on a GPU (flash / memory-efficient / cuDNN
@@ -31,13 +34,33 @@ def group_of(name: str) -> str:
     return next(g for g, test in GROUPS if test(low))
 
 
-def group_seconds(prof: dict) -> dict[str, float]:
-    """Seconds per group over the whole profile."""
-    out: dict[str, float] = {}
+def group_totals(prof: dict) -> dict[str, tuple[float, float]]:
+    """(seconds, FLOPs) per group over the whole profile."""
+    out: dict[str, tuple[float, float]] = {}
     for e in prof.get("entries") or []:
-        g = group_of(e["name"])
-        out[g] = out.get(g, 0.0) + e["seconds"]
+        s, f = out.get(group_of(e["name"]), (0.0, 0.0))
+        out[group_of(e["name"])] = (s + e["seconds"], f + (e.get("flops") or 0.0))
     return out
+
+
+def profile_of(entries: list[dict], device, host_seconds: float, span_seconds: float) -> dict:
+    """A profile in the shape of `_core._gpu_profile("stop")`: the rows longest first, busy
+    seconds and calls their sums."""
+    entries = sorted(entries, key=lambda e: -e["seconds"])
+    return {"device": device, "host_seconds": host_seconds, "device_span_seconds": span_seconds,
+            "busy_seconds": sum(e["seconds"] for e in entries), "calls": sum(e["calls"] for e in entries),
+            "entries": entries}
+
+
+def run_profiled(core, run) -> tuple[dict, object]:
+    """`run()` under ferrotune's GPU profiler (`core` is `ferrotune._core`): (the profile, what
+    run returned); the profiler is stopped when run fails too."""
+    core._gpu_profile("start")
+    try:
+        result = run()
+    finally:
+        prof = json.loads(core._gpu_profile("stop"))
+    return prof, result
 
 
 def subtract_profiles(whole: dict, part: dict) -> dict:
@@ -53,12 +76,8 @@ def subtract_profiles(whole: dict, part: dict) -> dict:
                "flops": (e.get("flops") or 0) - (p.get("flops") or 0)}
         if row["calls"] > 0:
             entries.append(row)
-    entries.sort(key=lambda e: -e["seconds"])
     diff = lambda k: max(float(whole.get(k) or 0.0) - float(part.get(k) or 0.0), 0.0)  # noqa: E731
-    return {"device": whole.get("device"), "host_seconds": diff("host_seconds"),
-            "device_span_seconds": diff("device_span_seconds"),
-            "busy_seconds": sum(e["seconds"] for e in entries), "calls": sum(e["calls"] for e in entries),
-            "entries": entries}
+    return profile_of(entries, whole.get("device"), diff("host_seconds"), diff("device_span_seconds"))
 
 
 def side_by_side(ours: dict, peer: dict) -> list[str]:
@@ -66,7 +85,7 @@ def side_by_side(ours: dict, peer: dict) -> list[str]:
     profiled steps, the same batches), and their ratio; then the busy totals."""
     def per_step(prof: dict) -> tuple[dict[str, float], float]:
         steps = max(int(prof.get("steps") or 1), 1)
-        return ({g: 1e3 * s / steps for g, s in group_seconds(prof).items()},
+        return ({g: 1e3 * s / steps for g, (s, _) in group_totals(prof).items()},
                 1e3 * float(prof.get("busy_seconds") or 0.0) / steps)
 
     (a, busy_a), (b, busy_b) = per_step(ours), per_step(peer)
@@ -101,11 +120,7 @@ def profile_tables(prof: dict, steps: int, top: int = 15) -> list[str]:
         "| group | ms/step | % of busy | TFLOP/s |",
         "|---|---:|---:|---:|",
     ]
-    groups: dict[str, list[float]] = {}
-    for e in entries:
-        g = groups.setdefault(group_of(e["name"]), [0.0, 0.0])
-        g[0] += e["seconds"]
-        g[1] += e.get("flops") or 0.0
+    groups = group_totals(prof)
     for name, _ in GROUPS:
         if name in groups:
             s, f = groups[name]
